@@ -1,0 +1,337 @@
+"""The desktop agent: one outbound WebSocket, many streams to local targets.
+
+``Agent.run`` keeps a tunnel session to the relay up for as long as it runs.
+It connects, authenticates in the WebSocket handshake with an access token,
+and serves every stream the relay opens by connecting to the named target
+from the local allowlist; the relay names a target and never a host or port.
+A failed or lost connection is retried with exponential backoff and full
+jitter; the loop never ends on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from app import __version__
+
+from . import frames
+from . import session as s
+from .backoff import Backoff
+from .bridge import SocketBridge
+from .config import Target
+from .errors import HandshakeError, SignInError, describe_os_error, is_retryable
+from .frames import CloseCode, ErrorCode
+from .traffic import Direction, Kind, TrafficRecord, TrafficSink, now
+from .tunnel import Tunnel
+from .wslink import WsLink, connect
+
+logger = logging.getLogger(__name__)
+
+AGENT_PATH = "/v1/agent"
+CONNECT_TIMEOUT_S = 15.0
+TARGET_CONNECT_TIMEOUT_S = 10.0
+# A session that lasted this long resets the backoff to its base delay.
+STABLE_SESSION_S = 10.0
+STOP_TIMEOUT_S = 5.0
+
+
+class AgentState(enum.Enum):
+    STOPPED = "stopped"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    WAITING = "waiting to reconnect"
+    SIGNED_OUT = "signed out"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStatus:
+    state: AgentState
+    detail: str = ""
+    retry_at: float | None = None
+    connected_since: float | None = None
+
+
+class TokenSource(Protocol):
+    async def access_token(self) -> str: ...
+
+    def invalidate(self) -> None: ...
+
+
+class TargetUnreachable(Exception):
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+async def connect_target(bridge: SocketBridge, target: Target, timeout: float = TARGET_CONNECT_TIMEOUT_S) -> None:
+    """Connect ``bridge`` to the target, trying every address its host resolves to.
+
+    ``localhost`` may resolve to ::1 before 127.0.0.1 or the other way round,
+    and a desktop application often listens on only one of them, so each
+    address is tried in turn and every failure is reported.
+    """
+    loop = asyncio.get_running_loop()
+    where = f"target {target.name!r} at {target.address}"
+    try:
+        infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise TargetUnreachable(ErrorCode.CONNECT_FAILED, f"cannot resolve the host of {where}: {exc.strerror}") from None
+
+    failures: list[str] = []
+    refused = timeouts = 0
+    seen: set[tuple[int, str]] = set()
+    for family, _type, _proto, _name, sockaddr in infos:
+        host = str(sockaddr[0])
+        if (family, host) in seen:
+            continue
+        seen.add((family, host))
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: bridge, host, target.port, family=family), timeout
+            )
+            return
+        except asyncio.TimeoutError:
+            timeouts += 1
+            failures.append(f"{host}: timed out after {timeout:g} s")
+        except OSError as exc:
+            if isinstance(exc, ConnectionRefusedError):
+                refused += 1
+            failures.append(f"{host}: {describe_os_error(exc)}")
+
+    if refused == len(failures):
+        code = ErrorCode.CONNECTION_REFUSED
+    elif timeouts == len(failures):
+        code = ErrorCode.CONNECT_TIMEOUT
+    else:
+        code = ErrorCode.CONNECT_FAILED
+    raise TargetUnreachable(
+        code,
+        f"cannot connect to {where} ({'; '.join(failures)}); "
+        "start the desktop application and log in to it",
+    )
+
+
+class Agent:
+    """Keeps a tunnel to the relay and serves the allowlisted targets."""
+
+    def __init__(
+        self,
+        *,
+        relay_url: str,
+        device: str,
+        targets: Mapping[str, Target],
+        tokens: TokenSource,
+        traffic: TrafficSink | None = None,
+        on_status: Callable[[AgentStatus], None] | None = None,
+        backoff: Backoff | None = None,
+        window: int = s.DEFAULT_WINDOW,
+        ssl_context: ssl.SSLContext | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+    ) -> None:
+        self.relay_url = relay_url.rstrip("/")
+        self.device = device
+        self.targets = dict(targets)
+        self.tokens = tokens
+        self.traffic = traffic
+        self.backoff = backoff or Backoff()
+        self.window = window
+        self.status = AgentStatus(AgentState.STOPPED)
+        self.tunnel: Tunnel | None = None
+        self.sessions_started = 0
+        self._on_status = on_status
+        self._ssl = ssl_context
+        self._connect_timeout = connect_timeout
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._connected = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Agent device={self.device!r} relay={self.relay_url!r} state={self.status.state.value}>"
+
+    # Public API --------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect and reconnect until ``stop`` is called."""
+        self._stopping = False
+        while not self._stopping:
+            started = time.monotonic()
+            self._set_status(AgentStatus(AgentState.CONNECTING, f"connecting to {self.relay_url}"))
+            delay_floor = 0.0
+            try:
+                await self._serve_once()
+            except asyncio.CancelledError:
+                raise
+            except SignInError as exc:
+                logger.error("%s", exc)
+                self._set_status(AgentStatus(AgentState.SIGNED_OUT, str(exc)))
+                delay_floor = self.backoff.cap
+            except Exception as exc:
+                self._log_failure(exc)
+                if not is_retryable(exc):
+                    delay_floor = self.backoff.cap
+            if self._stopping:
+                break
+            if time.monotonic() - started >= STABLE_SESSION_S:
+                self.backoff.reset()
+            delay = max(self.backoff.next_delay(), delay_floor)
+            detail = self.status.detail if self.status.state is AgentState.SIGNED_OUT else f"reconnecting in {delay:.1f} s"
+            state = AgentState.SIGNED_OUT if self.status.state is AgentState.SIGNED_OUT else AgentState.WAITING
+            self._set_status(AgentStatus(state, detail, retry_at=time.time() + delay))
+            await self._sleep(delay)
+        self._set_status(AgentStatus(AgentState.STOPPED))
+
+    def wake(self) -> None:
+        """Skip the current backoff delay, for example after the network came back."""
+        self._wake.set()
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    async def stop(self) -> None:
+        """Close the tunnel, then cancel connection attempts still running."""
+        self._stopping = True
+        self._wake.set()
+        tunnel = self.tunnel
+        if tunnel is not None and not tunnel.ended:
+            tunnel.close(CloseCode.GOING_AWAY, "agent is shutting down")
+            try:
+                await asyncio.wait_for(asyncio.shield(tunnel.link.closed), STOP_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                logger.warning("relay did not finish the closing handshake in %.0f s", STOP_TIMEOUT_S)
+                tunnel.link.abort()
+        pending = [task for task in self._tasks if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+            logger.info("cancelled %d target connection attempts at shutdown", len(pending))
+
+    # One session -------------------------------------------------------------
+
+    async def _serve_once(self) -> None:
+        link = await self._open_link()
+        info = {"device": self.device, "targets": sorted(self.targets), "version": __version__}
+        session = s.Session(s.Role.AGENT, window=self.window, info=info)
+        connected = asyncio.get_running_loop().create_future()
+        tunnel = Tunnel(
+            session,
+            link,
+            on_open_request=self._on_open_request,
+            on_hello=lambda _hello: connected.done() or connected.set_result(None),
+            label=f"relay {self.relay_url}",
+        )
+        self.tunnel = tunnel
+        self.sessions_started += 1
+        tunnel.flush()
+        try:
+            closed = asyncio.ensure_future(asyncio.shield(link.closed))
+            await asyncio.wait([connected, closed], return_when=asyncio.FIRST_COMPLETED)
+            if connected.done():
+                since = time.time()
+                self._set_status(AgentStatus(AgentState.CONNECTED, f"connected to {self.relay_url}", connected_since=since))
+                self._connected.set()
+                logger.info("connected to %s as device %r; serving targets %s", self.relay_url, self.device, ", ".join(sorted(self.targets)) or "(none)")
+            await closed
+        finally:
+            self._connected.clear()
+            if not connected.done():
+                connected.cancel()
+        code, reason = link.close_code, link.close_reason
+        if not self._stopping:
+            logger.warning("tunnel to %s closed (code %s): %s", self.relay_url, code, reason or "connection lost")
+        if code == CloseCode.TOKEN_EXPIRED:
+            self.tokens.invalidate()
+
+    async def _open_link(self) -> WsLink:
+        url = self.relay_url + AGENT_PATH
+        for attempt in range(2):
+            token = await self.tokens.access_token()
+            headers = {"Authorization": f"Bearer {token}", "Deskbridge-Device": self.device}
+            try:
+                return await connect(
+                    url,
+                    headers,
+                    timeout=self._connect_timeout,
+                    max_message_size=frames.MAX_MESSAGE_SIZE * 4,
+                    ssl_context=self._ssl,
+                )
+            except HandshakeError as exc:
+                if exc.status != 401:
+                    raise
+                # The access token may have expired; fetch a new one once.
+                self.tokens.invalidate()
+                if attempt == 1:
+                    raise SignInError(f"the relay rejected this agent's sign-in: {exc.message}") from None
+        raise AssertionError("unreachable")
+
+    def _on_open_request(self, tunnel: Tunnel, stream_id: int, name: str) -> None:
+        target = self.targets.get(name)
+        if target is None:
+            reason = f"target {name!r} is not in this agent's allowlist"
+            logger.warning("stream %d rejected: %s", stream_id, reason)
+            self._record(TrafficRecord(now(), Kind.ERROR, stream_id, name, detail=reason))
+            tunnel.reject(stream_id, ErrorCode.UNKNOWN_TARGET, reason)
+            return
+        bridge = SocketBridge(target=name, inbound=Direction.TO_DESKTOP, traffic=self.traffic, label="desktop application")
+        tunnel.attach(stream_id, bridge)
+        bridge.bind(tunnel, stream_id)
+        task = asyncio.ensure_future(self._connect_stream(tunnel, stream_id, bridge, target))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect_stream(self, tunnel: Tunnel, stream_id: int, bridge: SocketBridge, target: Target) -> None:
+        try:
+            await connect_target(bridge, target)
+        except TargetUnreachable as exc:
+            logger.warning("stream %d: %s", stream_id, exc.reason)
+            if tunnel.handlers.get(stream_id) is bridge:
+                tunnel.reject(stream_id, exc.code, exc.reason)
+            bridge.on_open_failed(exc.code, exc.reason)
+            return
+        if tunnel.handlers.get(stream_id) is not bridge or not tunnel.ready:
+            # The cloud side gave up while the local connection was opening.
+            if bridge.transport is not None:
+                bridge.transport.close()
+            return
+        tunnel.accept(stream_id, bridge)
+        logger.debug("stream %d connected to %s", stream_id, target.address)
+
+    # Helpers -----------------------------------------------------------------
+
+    async def _sleep(self, delay: float) -> None:
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+
+    def _set_status(self, status: AgentStatus) -> None:
+        self.status = status
+        if self._on_status is not None:
+            self._on_status(status)
+
+    def _record(self, item: TrafficRecord) -> None:
+        if self.traffic is not None:
+            self.traffic.record(item)
+
+    def _log_failure(self, exc: Exception) -> None:
+        if isinstance(exc, HandshakeError):
+            logger.warning("relay %s rejected the connection: HTTP %d: %s", self.relay_url, exc.status, exc.message)
+        elif isinstance(exc, ssl.SSLError):
+            logger.warning("TLS with relay %s failed: %s", self.relay_url, exc)
+        elif isinstance(exc, OSError):
+            logger.warning("cannot reach relay %s: %s", self.relay_url, describe_os_error(exc))
+        elif isinstance(exc, asyncio.TimeoutError):
+            logger.warning("connecting to relay %s timed out after %.0f s", self.relay_url, self._connect_timeout)
+        else:
+            logger.error("connecting to relay %s failed unexpectedly", self.relay_url, exc_info=exc)

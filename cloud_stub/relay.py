@@ -1,0 +1,535 @@
+"""The cloud relay: agents connect in, cloud services reach their targets.
+
+One HTTP port (see ``cloud_stub.http``) serves:
+
+- ``GET /v1/agent``: an agent's WebSocket, authenticated by an access token;
+- ``GET /v1/agents/{account}/targets/{target}/stream``: a raw binary
+  WebSocket stream to a target, for cloud services (API key);
+- the REST API in ``docs/openapi.yaml``: sign-in, listing agents, exchange.
+
+Each ``--expose ACCOUNT/TARGET=PORT`` adds a TCP listener whose connections
+become streams to that target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from websockets.http11 import Request as WsRequest
+from websockets.server import ServerProtocol
+
+from app import __version__
+from app.core import frames
+from app.core import session as s
+from app.core.bridge import SocketBridge
+from app.core.errors import ConfigError
+from app.core.frames import CloseCode, ErrorCode
+from app.core.traffic import Direction, LoggingSink
+from app.core.tunnel import Tunnel
+from app.core.wslink import WsLink
+
+from .accounts import Accounts, TokenError, TokenSigner
+from .http import HttpError, HttpFront, HttpRequest, HttpResponse, json_response
+from .streams import Exchange, ExchangeError, WebSocketStream, finish_stream
+
+logger = logging.getLogger(__name__)
+
+DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
+
+# Agents may send messages slightly above the protocol's limit so that the
+# tunnel parser, not the WebSocket layer, reports them with a clear reason.
+AGENT_MAX_MESSAGE = 4 * frames.MAX_MESSAGE_SIZE
+CLOUD_MAX_MESSAGE = 1024 * 1024
+MAX_EXCHANGE_REPLY = 16 * 1024 * 1024
+DEFAULT_EXCHANGE_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Exposure:
+    account: str
+    device: str | None
+    target: str
+    host: str
+    port: int
+
+    @property
+    def name(self) -> str:
+        device = f"{self.device}/" if self.device else ""
+        return f"{self.account}/{device}{self.target}"
+
+    @classmethod
+    def parse(cls, spec: str, default_host: str = "127.0.0.1") -> "Exposure":
+        """Parse ``ACCOUNT/[DEVICE/]TARGET=[HOST:]PORT``."""
+        path, sep, address = spec.partition("=")
+        parts = path.split("/")
+        if not sep or len(parts) not in (2, 3) or not all(parts):
+            raise ConfigError(f"invalid --expose {spec!r}: expected ACCOUNT/TARGET=PORT or ACCOUNT/DEVICE/TARGET=HOST:PORT")
+        host, _, port_text = address.rpartition(":")
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ConfigError(f"invalid --expose {spec!r}: port {port_text!r} is not a number") from None
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"invalid --expose {spec!r}: port must be 0 to 65535")
+        device = parts[1] if len(parts) == 3 else None
+        return cls(parts[0], device, parts[-1], host.strip("[]") or default_host, port)
+
+
+@dataclass
+class RelayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    accounts: Accounts = field(default_factory=Accounts)
+    api_keys: list[str] = field(default_factory=list)
+    exposures: list[Exposure] = field(default_factory=list)
+    data_dir: Path = Path(".")
+    access_ttl: float = 15 * 60
+    refresh_ttl: float = 30 * 24 * 3600
+    window: int = s.DEFAULT_WINDOW
+
+    def __repr__(self) -> str:
+        return f"<RelayConfig {self.host}:{self.port} accounts={self.accounts.names} exposures={len(self.exposures)}>"
+
+
+@dataclass
+class TargetTotals:
+    streams: int = 0
+    bytes_to_desktop: int = 0
+    bytes_to_cloud: int = 0
+
+
+class AgentEntry:
+    """A connected agent: its tunnel, identity and counters."""
+
+    tunnel: Tunnel
+
+    def __init__(self, account: str, device: str, remote: str) -> None:
+        self.account = account
+        self.device = device
+        self.remote = remote
+        self.connected_at = time.time()
+        self.ready = asyncio.get_running_loop().create_future()
+        self.targets: list[str] = []
+        self.totals: dict[str, TargetTotals] = {}
+        self._active: dict[object, str] = {}
+
+    def __repr__(self) -> str:
+        return f"<AgentEntry {self.account}/{self.device} from {self.remote}>"
+
+    @property
+    def identity(self) -> tuple[str, str]:
+        return (self.account, self.device)
+
+    def track(self, handler: Any, target: str) -> None:
+        self._active[handler] = target
+        self.totals.setdefault(target, TargetTotals()).streams += 1
+
+    def untrack(self, handler: Any) -> None:
+        target = self._active.pop(handler, None)
+        if target is not None:
+            totals = self.totals.setdefault(target, TargetTotals())
+            totals.bytes_to_desktop += handler.bytes_to_desktop
+            totals.bytes_to_cloud += handler.bytes_to_cloud
+
+    def describe(self) -> dict[str, Any]:
+        live: dict[str, tuple[int, int]] = {}
+        for handler, target in self._active.items():
+            down, up = live.get(target, (0, 0))
+            live[target] = (down + getattr(handler, "bytes_to_desktop", 0), up + getattr(handler, "bytes_to_cloud", 0))
+        names = list(dict.fromkeys([*self.targets, *self.totals]))
+        targets = []
+        for name in names:
+            totals = self.totals.get(name, TargetTotals())
+            down, up = live.get(name, (0, 0))
+            targets.append({
+                "name": name,
+                "advertised": name in self.targets,
+                "streams_total": totals.streams,
+                "bytes_to_desktop": totals.bytes_to_desktop + down,
+                "bytes_to_cloud": totals.bytes_to_cloud + up,
+            })
+        session = self.tunnel.session
+        return {
+            "account": self.account,
+            "device": self.device,
+            "connected_at": datetime.fromtimestamp(self.connected_at, timezone.utc).isoformat(),
+            "remote_address": self.remote,
+            "agent_version": str(self.tunnel.peer_info.get("version", "")),
+            "streams_open": len(self.tunnel.handlers),
+            "bytes_to_desktop": session.bytes_sent,
+            "bytes_to_cloud": session.bytes_received,
+            "targets": targets,
+        }
+
+
+class CloudSocket(SocketBridge):
+    """A cloud client's TCP connection on an exposed port."""
+
+    def __init__(self, relay: "Relay", exposure: Exposure) -> None:
+        super().__init__(target=exposure.target, inbound=Direction.TO_CLOUD, traffic=relay.traffic, label="cloud client")
+        self._relay = relay
+        self._exposure = exposure
+        self._entry: AgentEntry | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        exposure = self._exposure
+        entry = self._relay.find_agent(exposure.account, exposure.device)
+        if entry is None:
+            logger.warning("cloud client on port %d for %s: agent offline; closing", exposure.port, exposure.name)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        self._entry = entry
+        entry.track(self, exposure.target)
+        self.done.add_done_callback(lambda _f: entry.untrack(self))
+        sid = entry.tunnel.open(exposure.target, self)
+        self.bind(entry.tunnel, sid)
+
+
+class Relay:
+    """The relay server; ``start`` binds its ports and ``stop`` ends every session."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.signer = TokenSigner.from_key_file(
+            config.data_dir / "token-signing.key", access_ttl=config.access_ttl, refresh_ttl=config.refresh_ttl
+        )
+        self.agents: dict[tuple[str, str], AgentEntry] = {}
+        self.traffic = LoggingSink(logger)
+        self.port = 0
+        self.expose_ports: dict[str, int] = {}
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._links: set[WsLink] = set()
+
+    def __repr__(self) -> str:
+        return f"<Relay port={self.port} agents={len(self.agents)}>"
+
+    @property
+    def url(self) -> str:
+        host = self.config.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"ws://{host}:{self.port}"
+
+    # Lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(self._make_front, self.config.host, self.config.port)
+        self._servers.append(server)
+        self.port = server.sockets[0].getsockname()[1]
+        logger.info("relay listening on %s (HTTP and WebSocket)", self.url)
+        for exposure in self.config.exposures:
+            try:
+                listener = await loop.create_server(lambda e=exposure: CloudSocket(self, e), exposure.host, exposure.port)
+            except OSError as exc:
+                await self.stop()
+                raise ConfigError(f"cannot listen on {exposure.host}:{exposure.port} for {exposure.name}: {exc.strerror}") from exc
+            self._servers.append(listener)
+            port = listener.sockets[0].getsockname()[1]
+            self.expose_ports[exposure.name] = port
+            logger.info("exposing %s on TCP %s:%d", exposure.name, exposure.host, port)
+
+    async def stop(self) -> None:
+        """Stop listening, close every agent session, then cancel leftovers."""
+        for server in self._servers:
+            server.close()
+        for entry in list(self.agents.values()):
+            entry.tunnel.close(CloseCode.GOING_AWAY, "relay is shutting down")
+        for link in list(self._links):
+            link.close(CloseCode.GOING_AWAY, "relay is shutting down")
+        waits = [asyncio.ensure_future(link.closed) for link in self._links]
+        if waits:
+            _done, pending = await asyncio.wait(waits, timeout=STOP_TIMEOUT_S)
+            for link in list(self._links):
+                link.abort()
+            if pending:
+                logger.warning("%d connections did not close in %.0f s; aborted them", len(pending), STOP_TIMEOUT_S)
+        tasks = [task for task in self._tasks if not task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for server in self._servers:
+            server.close()
+            await server.wait_closed()
+        self._servers.clear()
+        logger.info("relay stopped")
+
+    def _make_front(self) -> HttpFront:
+        return HttpFront(
+            on_request=self._handle_request,
+            on_upgrade=self._handle_upgrade,
+            max_message_size=CLOUD_MAX_MESSAGE,
+            tasks=self._tasks,
+        )
+
+    # Agents ------------------------------------------------------------------
+
+    def find_agent(self, account: str, device: str | None = None) -> AgentEntry | None:
+        """Return the ready agent for an account (the newest one unless a device is named)."""
+        if device is not None:
+            entry = self.agents.get((account, device))
+            return entry if entry is not None and entry.tunnel.ready else None
+        candidates = [e for e in self.agents.values() if e.account == account and e.tunnel.ready]
+        return max(candidates, key=lambda e: e.connected_at, default=None)
+
+    def _accept_agent(self, request: HttpRequest, link: WsLink, ws_request: WsRequest) -> None:
+        protocol = link.protocol
+        assert isinstance(protocol, ServerProtocol)
+        account = self._authenticate_agent(request, link)
+        if account is None:
+            return
+        device = (request.header("deskbridge-device") or "").strip()
+        if not DEVICE_NAME.match(device):
+            _reject(link, HttpError(400, "invalid_device", "header Deskbridge-Device must be 1 to 64 letters, digits, spaces, '.', '_' or '-'"))
+            return
+
+        # Hand the connection to the tunnel before answering, so that the
+        # agent's first frames find a session.
+        link.set_max_message_size(AGENT_MAX_MESSAGE)
+        session = s.Session(s.Role.RELAY, window=self.config.window, info={"version": __version__})
+        entry = AgentEntry(account, device, request.peer)
+        entry.tunnel = Tunnel(
+            session,
+            link,
+            on_hello=lambda hello: self._on_agent_hello(entry, hello),
+            on_end=lambda code, reason: self._on_agent_end(entry, code, reason),
+            label=f"{account}/{device}",
+        )
+
+        link.respond(protocol.accept(ws_request))
+        previous = self.agents.get(entry.identity)
+        self.agents[entry.identity] = entry
+        if previous is not None:
+            logger.info("agent %s/%s reconnected from %s; replacing its previous session", account, device, request.peer)
+            previous.tunnel.close(CloseCode.SESSION_REPLACED, "replaced by a newer session of the same device")
+        entry.tunnel.flush()
+        logger.info("agent %s/%s connected from %s", account, device, request.peer)
+
+    def _authenticate_agent(self, request: HttpRequest, link: WsLink) -> str | None:
+        token = _bearer(request)
+        if token is None:
+            _reject(link, HttpError(401, "unauthorized", "missing access token: send 'Authorization: Bearer <token>'"))
+            return None
+        try:
+            claims = self.signer.check(token, "access")
+        except TokenError as exc:
+            _reject(link, HttpError(401, "invalid_token", f"access token rejected: {exc}; refresh it or sign in again"))
+            return None
+        if claims.account not in self.config.accounts:
+            _reject(link, HttpError(401, "invalid_token", "access token names an unknown account; sign in again"))
+            return None
+        return claims.account
+
+    def _on_agent_hello(self, entry: AgentEntry, hello: s.HelloReceived) -> None:
+        raw_targets = hello.info.get("targets", [])
+        entry.targets = [str(t) for t in raw_targets if isinstance(t, str)] if isinstance(raw_targets, list) else []
+        if not entry.ready.done():
+            entry.ready.set_result(None)
+        logger.info("agent %s/%s ready with targets %s", entry.account, entry.device, ", ".join(entry.targets) or "(none)")
+
+    def _on_agent_end(self, entry: AgentEntry, code: int, reason: str) -> None:
+        if self.agents.get(entry.identity) is entry:
+            del self.agents[entry.identity]
+        logger.info("agent %s/%s disconnected (code %s): %s", entry.account, entry.device, code, reason or "no reason given")
+
+    # HTTP ----------------------------------------------------------------------
+
+    def _handle_upgrade(self, request: HttpRequest, link: WsLink, ws_request: WsRequest) -> None:
+        self._links.add(link)
+        link.closed.add_done_callback(lambda _f: self._links.discard(link))
+        segments = request.segments
+        try:
+            if segments == ["v1", "agent"]:
+                self._accept_agent(request, link, ws_request)
+            elif len(segments) == 6 and segments[:2] == ["v1", "agents"] and segments[3] == "targets" and segments[5] == "stream":
+                self._require_api_key(request)
+                self._open_websocket_stream(request, link, ws_request, segments[2], segments[4])
+            else:
+                raise HttpError(404, "not_found", f"no WebSocket endpoint at {request.path}")
+        except HttpError as exc:
+            _reject(link, exc)
+
+    def _open_websocket_stream(self, request: HttpRequest, link: WsLink, ws_request: WsRequest, account: str, target: str) -> None:
+        entry = self._require_agent(account, request.query.get("device"))
+        stream = WebSocketStream(link, ws_request, target, on_done=lambda st: entry.untrack(st))
+        entry.track(stream, target)
+        sid = entry.tunnel.open(target, stream)
+        stream.bind(entry.tunnel, sid)
+        logger.info("cloud WebSocket from %s opened stream %d to %s/%s", request.peer, sid, account, target)
+
+    async def _handle_request(self, request: HttpRequest) -> HttpResponse:
+        segments = request.segments
+        method = request.method
+        if segments == ["healthz"]:
+            return json_response(200, {"status": "ok", "agents": len(self.agents)})
+        if segments[:2] == ["v1", "auth"] and len(segments) == 3:
+            _require_method(request, "POST")
+            if segments[2] == "login":
+                return self._login(request)
+            if segments[2] == "refresh":
+                return self._refresh(request)
+        if segments == ["v1", "agents"]:
+            _require_method(request, "GET")
+            self._require_api_key(request)
+            agents = [entry.describe() for entry in self.agents.values() if entry.tunnel.ready]
+            return json_response(200, {"agents": agents})
+        if len(segments) == 6 and segments[:2] == ["v1", "agents"] and segments[3] == "targets" and segments[5] == "exchange":
+            _require_method(request, "POST")
+            self._require_api_key(request)
+            return await self._exchange(request, segments[2], segments[4])
+        if method not in ("GET", "POST"):
+            raise HttpError(405, "method_not_allowed", f"method {method} is not supported")
+        raise HttpError(404, "not_found", f"no endpoint at {request.path}; see docs/openapi.yaml")
+
+    def _require_api_key(self, request: HttpRequest) -> None:
+        supplied = _bearer(request) or request.header("x-api-key")
+        if not self.config.api_keys:
+            raise HttpError(403, "forbidden", "this relay has no API keys configured; start it with --api-key")
+        if supplied is None:
+            raise HttpError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'")
+        valid = False
+        for key in self.config.api_keys:
+            # Check every key so the time taken does not reveal which one matched.
+            valid |= hmac.compare_digest(supplied.encode(), key.encode())
+        if not valid:
+            raise HttpError(401, "unauthorized", "invalid API key")
+
+    def _require_agent(self, account: str, device: str | None) -> AgentEntry:
+        entry = self.find_agent(account, device)
+        if entry is None:
+            who = f"{account}/{device}" if device else f"account {account!r}"
+            raise HttpError(503, "agent_offline", f"no agent of {who} is connected; start the Deskbridge agent on the desktop")
+        return entry
+
+    def _login(self, request: HttpRequest) -> HttpResponse:
+        body = _json_body(request)
+        username, password = body.get("username"), body.get("password")
+        if not isinstance(username, str) or not isinstance(password, str):
+            raise HttpError(400, "invalid_request", "send a JSON object with string fields 'username' and 'password'")
+        if not self.config.accounts.verify(username, password):
+            logger.info("sign-in failed for %r from %s", username, request.peer)
+            raise HttpError(401, "invalid_credentials", "wrong user name or password")
+        logger.info("account %r signed in from %s", username, request.peer)
+        return json_response(200, self._issue_tokens(username))
+
+    def _refresh(self, request: HttpRequest) -> HttpResponse:
+        body = _json_body(request)
+        token = body.get("refresh_token")
+        if not isinstance(token, str):
+            raise HttpError(400, "invalid_request", "send a JSON object with a string field 'refresh_token'")
+        try:
+            claims = self.signer.check(token, "refresh")
+        except TokenError as exc:
+            raise HttpError(401, "invalid_token", f"refresh token rejected: {exc}; sign in again") from None
+        if claims.account not in self.config.accounts:
+            raise HttpError(401, "invalid_token", "refresh token names an unknown account; sign in again")
+        payload = self._issue_tokens(claims.account, refresh=False)
+        payload["refresh_token"] = token
+        return json_response(200, payload)
+
+    def _issue_tokens(self, account: str, refresh: bool = True) -> dict[str, Any]:
+        access, ttl = self.signer.issue(account, "access")
+        payload: dict[str, Any] = {"account": account, "token_type": "Bearer", "access_token": access, "expires_in": int(ttl)}
+        if refresh:
+            payload["refresh_token"], _ = self.signer.issue(account, "refresh")
+        return payload
+
+    async def _exchange(self, request: HttpRequest, account: str, target: str) -> HttpResponse:
+        query = request.query
+        until = query.get("until", "newline")
+        if until not in ("newline", "bytes", "idle", "eof"):
+            raise HttpError(400, "invalid_request", f"invalid until={until!r}: use newline, bytes, idle or eof")
+        count = _int_param(query, "bytes", 0, 0, MAX_EXCHANGE_REPLY)
+        if until == "bytes" and count <= 0:
+            raise HttpError(400, "invalid_request", "until=bytes needs bytes=N with N from 1 to 16777216")
+        idle = _int_param(query, "idle_ms", 500, 1, 600_000) / 1000
+        timeout = _int_param(query, "timeout_ms", int(DEFAULT_EXCHANGE_TIMEOUT_S * 1000), 1, 600_000) / 1000
+
+        entry = self._require_agent(account, query.get("device"))
+        exchange = Exchange(target, until=until, count=count, idle=idle, max_reply=MAX_EXCHANGE_REPLY)
+        entry.track(exchange, target)
+        tunnel = entry.tunnel
+        sid = tunnel.open(target, exchange)
+        exchange.bind(tunnel, sid)
+        try:
+            if request.body:
+                exchange.bytes_to_desktop += len(request.body)
+                tunnel.send_data(sid, request.body)
+            reply = await asyncio.wait_for(asyncio.shield(exchange.done), timeout)
+        except ExchangeError as exc:
+            failure = exc.failure
+            raise HttpError(failure.status, failure.code, failure.message) from None
+        except asyncio.TimeoutError:
+            tunnel.reset(sid, ErrorCode.CANCELLED, "exchange timed out")
+            raise HttpError(504, "timed_out", f"no complete reply from target {target!r} within {timeout:g} s") from None
+        finally:
+            entry.untrack(exchange)
+        finish_stream(tunnel, sid)
+        return HttpResponse(200, reply, "application/octet-stream", [("Deskbridge-Stream", str(sid))])
+
+
+def _reject(link: WsLink, error: HttpError) -> None:
+    protocol = link.protocol
+    assert isinstance(protocol, ServerProtocol)
+    response = protocol.reject(error.status, json.dumps({"error": error.code, "message": error.message}) + "\n")
+    response.headers["Content-Type"] = "application/json"
+    if error.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    link.respond(response)
+
+
+def _bearer(request: HttpRequest) -> str | None:
+    value = request.header("authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _require_method(request: HttpRequest, method: str) -> None:
+    if request.method != method:
+        raise HttpError(405, "method_not_allowed", f"{request.path} accepts {method}, not {request.method}", [("Allow", method)])
+
+
+def _json_body(request: HttpRequest) -> dict[str, Any]:
+    try:
+        body = json.loads(request.body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HttpError(400, "invalid_json", f"request body is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise HttpError(400, "invalid_json", "request body must be a JSON object")
+    return body
+
+
+def _int_param(query: dict[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise HttpError(400, "invalid_request", f"{name}={raw!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise HttpError(400, "invalid_request", f"{name}={value} is outside {low} to {high}")
+    return value
+
+
+def parse_exposures(specs: Iterable[str], default_host: str) -> list[Exposure]:
+    return [Exposure.parse(spec, default_host) for spec in specs]
