@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from app import __version__
 
 from .core.agent import Agent
-from .core.auth import RelayTokens, login
+from .core.auth import CodeRequired, RelayTokens, Tokens, login, logout
 from .core.config import AgentConfig, Target, load_config, save_config, validate_relay_url
-from .core.credentials import KeyringStore
-from .core.errors import ConfigError, CredentialError, DeskbridgeError, SignInError
+from .core.credentials import CredentialStore, KeyringStore, MemoryStore
+from .core.errors import ConfigError, CredentialError, HandshakeError, SignInError
 from .core.logs import configure_logging
 from .core.paths import app_dirs
 from .core.traffic import LoggingSink
@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     login_cmd = commands.add_parser("login", help="sign in to a relay and keep the token in the OS keyring")
     login_cmd.add_argument("--relay", required=True, help="relay URL, ws://HOST:PORT or wss://HOST")
     login_cmd.add_argument("--username", required=True, help="account name on the relay")
-    login_cmd.add_argument("--password-stdin", action="store_true", help="read the password from the first line of standard input")
+    login_cmd.add_argument("--password-stdin", action="store_true", help="read the password (and a one-time code, if needed, from the second line) from standard input")
+    login_cmd.add_argument("--code", help="one-time code from the authenticator app, for accounts that need one")
 
     logout_cmd = commands.add_parser("logout", help="delete the saved sign-in token from the OS keyring")
     logout_cmd.add_argument("--relay", required=True, help="relay URL used at sign-in")
@@ -47,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--relay", help="relay URL (saved in the config file)")
     run_cmd.add_argument("--username", help="account name (saved in the config file)")
     run_cmd.add_argument("--device", help="this device's name at the relay (default: the host name)")
+    run_cmd.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="sign in for this run only, reading the password (and a one-time code, if needed) from standard input; nothing is saved",
+    )
+    run_cmd.add_argument("--code", help="one-time code for --password-stdin, for accounts that need one")
     run_cmd.add_argument(
         "--target",
         action="append",
@@ -77,26 +84,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SignInError, CredentialError) as exc:
         print(f"deskbridge: {exc}", file=sys.stderr)
         return 1
+    except HandshakeError as exc:
+        print(f"deskbridge: {exc}; try again later", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"deskbridge: cannot reach the relay: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
 
-async def _login(args: argparse.Namespace) -> int:
-    relay = validate_relay_url(args.relay)
+def _read_secret(args: argparse.Namespace, prompt: str) -> str:
+    """Read a secret from the next line of standard input or from a hidden prompt."""
     if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = getpass.getpass(f"Password for {args.username} at {relay}: ")
+        return sys.stdin.readline().rstrip("\r\n")
+    return getpass.getpass(prompt)
+
+
+async def _sign_in(args: argparse.Namespace, relay: str, username: str) -> Tokens:
+    """Sign in with a password, asking for a one-time code if the account needs one.
+
+    With --password-stdin the code, if needed, is the second line of standard
+    input unless --code gives it.
+    """
+    password = _read_secret(args, f"Password for {username} at {relay}: ")
     if not password:
         raise ConfigError("the password is empty; type it at the prompt or pipe it with --password-stdin")
+    code = args.code
+    try:
+        return await login(relay, username, password, code)
+    except CodeRequired:
+        if code:
+            raise
+    code = _read_secret(args, "One-time code from your authenticator app: ").strip()
+    if not code:
+        raise SignInError("this account needs a one-time code; pass --code or type it at the prompt")
+    return await login(relay, username, password, code)
+
+
+async def _login(args: argparse.Namespace) -> int:
+    relay = validate_relay_url(args.relay)
     store = KeyringStore()
+    # Check the keyring first, so nobody types a password that cannot be kept.
     store.check_backend()
     try:
-        tokens = await login(relay, args.username, password)
-    except DeskbridgeError:
-        raise
-    except OSError as exc:
-        print(f"deskbridge: cannot reach the relay at {relay}: {exc}", file=sys.stderr)
+        tokens = await _sign_in(args, relay, args.username)
+    except (OSError, HandshakeError) as exc:
+        print(f"deskbridge: cannot sign in at {relay}: {exc}", file=sys.stderr)
         return 1
     assert tokens.refresh_token is not None
     await store.set(relay, tokens.account, tokens.refresh_token)
@@ -111,9 +145,20 @@ async def _login(args: argparse.Namespace) -> int:
 
 async def _logout(args: argparse.Namespace) -> int:
     relay = validate_relay_url(args.relay)
-    await KeyringStore().delete(relay, args.username)
+    store = KeyringStore()
+    saved = await store.get(relay, args.username)
+    if saved is None:
+        print(f"Not signed in to {relay} as {args.username}; nothing to do.")
+        return 0
+    status = 0
+    try:
+        await logout(relay, saved)
+    except (OSError, HandshakeError, SignInError) as exc:
+        print(f"deskbridge: the relay could not revoke the sign-in ({exc}); deleting the local token anyway", file=sys.stderr)
+        status = 1
+    await store.delete(relay, args.username)
     print(f"Signed out of {relay} as {args.username}; the saved token is deleted.")
-    return 0
+    return status
 
 
 def _merge_run_options(args: argparse.Namespace, config: AgentConfig) -> bool:
@@ -152,12 +197,29 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("no account: pass --username NAME or sign in first with 'deskbridge login'")
     if not config.targets:
         raise ConfigError("no targets: pass --target NAME=HOST:PORT, for example --target quotes=127.0.0.1:7497")
-    return asyncio.run(run_headless(config))
+    return asyncio.run(run_headless(config, args))
 
 
-async def run_headless(config: AgentConfig) -> int:
+async def _credential_store(config: AgentConfig, args: argparse.Namespace) -> CredentialStore:
+    """Return the keyring, or a memory store signed in for this run only with --password-stdin."""
+    if args.password_stdin:
+        store = MemoryStore()
+        tokens = await _sign_in(args, config.relay_url, config.account)
+        assert tokens.refresh_token is not None
+        await store.set(config.relay_url, config.account, tokens.refresh_token)
+        logger.info("signed in as %s for this run only; nothing was saved", config.account)
+        return store
+    keyring_store = KeyringStore()
+    try:
+        keyring_store.check_backend()
+    except CredentialError as exc:
+        raise CredentialError(f"{exc} To sign in for this run only, add --password-stdin.") from None
+    return keyring_store
+
+
+async def run_headless(config: AgentConfig, args: argparse.Namespace) -> int:
     """Run the agent until SIGINT or SIGTERM."""
-    store = KeyringStore()
+    store = await _credential_store(config, args)
     agent = Agent(
         relay_url=config.relay_url,
         device=config.device,

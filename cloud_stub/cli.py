@@ -17,7 +17,8 @@ from app import __version__
 from app.core.errors import ConfigError
 from app.core.logs import configure_logging
 
-from .accounts import Accounts
+from .accounts import Accounts, PasswordHash
+from .signin import LOGIN_MAX_FAILURES, LOGIN_WINDOW_S
 from .relay import Relay, RelayConfig, parse_exposures
 
 logger = logging.getLogger("deskbridge.relay")
@@ -34,6 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on for agents, REST and WebSocket clients (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8765, help="port for agents, REST and WebSocket clients (default 8765; 0 picks a free one)")
     parser.add_argument("--user", action="append", default=[], metavar="NAME:PASSWORD", help="add an account; repeat for more")
+    parser.add_argument(
+        "--users-file",
+        type=Path,
+        metavar="FILE",
+        help="JSON list of accounts: objects with name, password or password_hash, and optional totp_secret",
+    )
+    parser.add_argument(
+        "--totp",
+        action="append",
+        default=[],
+        metavar="NAME:BASE32SECRET",
+        help="require a one-time code from an authenticator app for account NAME; repeat for more",
+    )
+    parser.add_argument("--hash-password", action="store_true", help="read a password from standard input, print its hash for --users-file, and exit")
     parser.add_argument(
         "--api-key",
         action="append",
@@ -52,14 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, help="folder for the token signing key (default: the OS data folder)")
     parser.add_argument("--access-token-ttl", type=float, default=15 * 60, metavar="SECONDS", help="lifetime of access tokens (default 900)")
     parser.add_argument("--refresh-token-ttl", type=float, default=30 * 24 * 3600, metavar="SECONDS", help="lifetime of refresh tokens (default 30 days)")
+    parser.add_argument("--login-max-failures", type=int, default=LOGIN_MAX_FAILURES, metavar="N", help=f"failed sign-ins per user name within --login-window before 429 (default {LOGIN_MAX_FAILURES}; per address 4 times that)")
+    parser.add_argument("--login-window", type=float, default=LOGIN_WINDOW_S, metavar="SECONDS", help=f"window for counting failed sign-ins (default {LOGIN_WINDOW_S:.0f})")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log detail (default INFO)")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> RelayConfig:
     accounts = Accounts()
+    if args.users_file is not None:
+        accounts.load_file(args.users_file)
     for spec in args.user:
         accounts.add_spec(spec)
+    for spec in args.totp:
+        accounts.add_totp_spec(spec)
+    if args.login_max_failures < 1 or args.login_window <= 0:
+        raise ConfigError("--login-max-failures must be at least 1 and --login-window positive")
     api_keys = list(args.api_key)
     if os.environ.get(API_KEY_ENV):
         api_keys.append(os.environ[API_KEY_ENV])
@@ -77,6 +100,8 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         data_dir=data_dir,
         access_ttl=args.access_token_ttl,
         refresh_ttl=args.refresh_token_ttl,
+        login_max_failures=args.login_max_failures,
+        login_window=args.login_window,
     )
 
 
@@ -102,6 +127,13 @@ async def serve(config: RelayConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.hash_password:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            print("deskbridge-relay: --hash-password read an empty password from standard input", file=sys.stderr)
+            return 2
+        print(PasswordHash.create(password).encode())
+        return 0
     configure_logging(args.log_level)
     try:
         config = config_from_args(args)

@@ -14,6 +14,7 @@ become streams to that target.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -38,8 +39,9 @@ from app.core.traffic import Direction, LoggingSink
 from app.core.tunnel import Tunnel
 from app.core.wslink import WsLink
 
-from .accounts import Accounts, TokenError, TokenSigner
+from .accounts import Accounts, TokenClaims, TokenError
 from .http import HttpError, HttpFront, HttpRequest, HttpResponse, json_response
+from .signin import LOGIN_MAX_FAILURES, LOGIN_WINDOW_S, SignIn
 from .streams import Exchange, ExchangeError, WebSocketStream, finish_stream
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,8 @@ class RelayConfig:
     data_dir: Path = Path(".")
     access_ttl: float = 15 * 60
     refresh_ttl: float = 30 * 24 * 3600
+    login_max_failures: int = LOGIN_MAX_FAILURES
+    login_window: float = LOGIN_WINDOW_S
     window: int = s.DEFAULT_WINDOW
 
     def __repr__(self) -> str:
@@ -122,7 +126,28 @@ class AgentEntry:
         self.ready = asyncio.get_running_loop().create_future()
         self.targets: list[str] = []
         self.totals: dict[str, TargetTotals] = {}
+        self.family = ""
+        self.access_expires_at = 0.0
         self._active: dict[object, str] = {}
+        self._expiry_timer: asyncio.TimerHandle | None = None
+
+    def set_access(self, claims: TokenClaims) -> None:
+        """Record the session's access token; the session ends when it expires unrenewed."""
+        self.family = claims.family
+        self.access_expires_at = claims.expires_at
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+        delay = max(0.0, claims.expires_at - time.time())
+        self._expiry_timer = asyncio.get_running_loop().call_later(delay, self._on_access_expired)
+
+    def _on_access_expired(self) -> None:
+        logger.info("access token of agent %s/%s expired without renewal; closing its session", self.account, self.device)
+        self.tunnel.close(CloseCode.TOKEN_EXPIRED, "access token expired; renew it before it expires")
+
+    def cancel_expiry(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
 
     def __repr__(self) -> str:
         return f"<AgentEntry {self.account}/{self.device} from {self.remote}>"
@@ -203,8 +228,13 @@ class Relay:
 
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
-        self.signer = TokenSigner.from_key_file(
-            config.data_dir / "token-signing.key", access_ttl=config.access_ttl, refresh_ttl=config.refresh_ttl
+        self.signin = SignIn(
+            config.accounts,
+            config.data_dir,
+            access_ttl=config.access_ttl,
+            refresh_ttl=config.refresh_ttl,
+            max_failures=config.login_max_failures,
+            failure_window=config.login_window,
         )
         self.agents: dict[tuple[str, str], AgentEntry] = {}
         self.traffic = LoggingSink(logger)
@@ -234,7 +264,7 @@ class Relay:
         logger.info("relay listening on %s (HTTP and WebSocket)", self.url)
         for exposure in self.config.exposures:
             try:
-                listener = await loop.create_server(lambda e=exposure: CloudSocket(self, e), exposure.host, exposure.port)
+                listener = await loop.create_server(functools.partial(CloudSocket, self, exposure), exposure.host, exposure.port)
             except OSError as exc:
                 await self.stop()
                 raise ConfigError(f"cannot listen on {exposure.host}:{exposure.port} for {exposure.name}: {exc.strerror}") from exc
@@ -290,9 +320,10 @@ class Relay:
     def _accept_agent(self, request: HttpRequest, link: WsLink, ws_request: WsRequest) -> None:
         protocol = link.protocol
         assert isinstance(protocol, ServerProtocol)
-        account = self._authenticate_agent(request, link)
-        if account is None:
+        claims = self._authenticate_agent(request, link)
+        if claims is None:
             return
+        account = claims.account
         device = (request.header("deskbridge-device") or "").strip()
         if not DEVICE_NAME.match(device):
             _reject(link, HttpError(400, "invalid_device", "header Deskbridge-Device must be 1 to 64 letters, digits, spaces, '.', '_' or '-'"))
@@ -308,8 +339,10 @@ class Relay:
             link,
             on_hello=lambda hello: self._on_agent_hello(entry, hello),
             on_end=lambda code, reason: self._on_agent_end(entry, code, reason),
+            on_auth=lambda event: self._on_agent_auth(entry, event),
             label=f"{account}/{device}",
         )
+        entry.set_access(claims)
 
         link.respond(protocol.accept(ws_request))
         previous = self.agents.get(entry.identity)
@@ -320,20 +353,34 @@ class Relay:
         entry.tunnel.flush()
         logger.info("agent %s/%s connected from %s", account, device, request.peer)
 
-    def _authenticate_agent(self, request: HttpRequest, link: WsLink) -> str | None:
+    def _authenticate_agent(self, request: HttpRequest, link: WsLink) -> TokenClaims | None:
         token = _bearer(request)
         if token is None:
             _reject(link, HttpError(401, "unauthorized", "missing access token: send 'Authorization: Bearer <token>'"))
             return None
         try:
-            claims = self.signer.check(token, "access")
+            return self.signin.check_access(token)
         except TokenError as exc:
             _reject(link, HttpError(401, "invalid_token", f"access token rejected: {exc}; refresh it or sign in again"))
             return None
-        if claims.account not in self.config.accounts:
-            _reject(link, HttpError(401, "invalid_token", "access token names an unknown account; sign in again"))
-            return None
-        return claims.account
+
+    def _on_agent_auth(self, entry: AgentEntry, event: s.AuthReceived | s.AuthAccepted) -> None:
+        """Accept a renewed access token on the open session, or end the session."""
+        if not isinstance(event, s.AuthReceived):
+            return
+        try:
+            claims = self.signin.check_access(event.token)
+        except TokenError as exc:
+            logger.warning("agent %s/%s sent a rejected access token: %s", entry.account, entry.device, exc)
+            entry.tunnel.close(CloseCode.TOKEN_REJECTED, f"access token rejected: {exc}")
+            return
+        if claims.account != entry.account:
+            entry.tunnel.close(CloseCode.TOKEN_REJECTED, "the renewed token belongs to another account")
+            return
+        entry.set_access(claims)
+        entry.tunnel.session.send_auth_ok(int(max(0, claims.expires_at - time.time())))
+        entry.tunnel.flush()
+        logger.debug("agent %s/%s renewed its access token", entry.account, entry.device)
 
     def _on_agent_hello(self, entry: AgentEntry, hello: s.HelloReceived) -> None:
         raw_targets = hello.info.get("targets", [])
@@ -343,6 +390,7 @@ class Relay:
         logger.info("agent %s/%s ready with targets %s", entry.account, entry.device, ", ".join(entry.targets) or "(none)")
 
     def _on_agent_end(self, entry: AgentEntry, code: int, reason: str) -> None:
+        entry.cancel_expiry()
         if self.agents.get(entry.identity) is entry:
             del self.agents[entry.identity]
         logger.info("agent %s/%s disconnected (code %s): %s", entry.account, entry.device, code, reason or "no reason given")
@@ -380,9 +428,14 @@ class Relay:
         if segments[:2] == ["v1", "auth"] and len(segments) == 3:
             _require_method(request, "POST")
             if segments[2] == "login":
-                return self._login(request)
+                return self.signin.login(request)
             if segments[2] == "refresh":
-                return self._refresh(request)
+                return self.signin.refresh(request)
+            if segments[2] == "logout":
+                response, family = self.signin.logout(request)
+                if family is not None:
+                    self._close_family(family)
+                return response
         if segments == ["v1", "agents"]:
             _require_method(request, "GET")
             self._require_api_key(request)
@@ -416,38 +469,10 @@ class Relay:
             raise HttpError(503, "agent_offline", f"no agent of {who} is connected; start the Deskbridge agent on the desktop")
         return entry
 
-    def _login(self, request: HttpRequest) -> HttpResponse:
-        body = _json_body(request)
-        username, password = body.get("username"), body.get("password")
-        if not isinstance(username, str) or not isinstance(password, str):
-            raise HttpError(400, "invalid_request", "send a JSON object with string fields 'username' and 'password'")
-        if not self.config.accounts.verify(username, password):
-            logger.info("sign-in failed for %r from %s", username, request.peer)
-            raise HttpError(401, "invalid_credentials", "wrong user name or password")
-        logger.info("account %r signed in from %s", username, request.peer)
-        return json_response(200, self._issue_tokens(username))
-
-    def _refresh(self, request: HttpRequest) -> HttpResponse:
-        body = _json_body(request)
-        token = body.get("refresh_token")
-        if not isinstance(token, str):
-            raise HttpError(400, "invalid_request", "send a JSON object with a string field 'refresh_token'")
-        try:
-            claims = self.signer.check(token, "refresh")
-        except TokenError as exc:
-            raise HttpError(401, "invalid_token", f"refresh token rejected: {exc}; sign in again") from None
-        if claims.account not in self.config.accounts:
-            raise HttpError(401, "invalid_token", "refresh token names an unknown account; sign in again")
-        payload = self._issue_tokens(claims.account, refresh=False)
-        payload["refresh_token"] = token
-        return json_response(200, payload)
-
-    def _issue_tokens(self, account: str, refresh: bool = True) -> dict[str, Any]:
-        access, ttl = self.signer.issue(account, "access")
-        payload: dict[str, Any] = {"account": account, "token_type": "Bearer", "access_token": access, "expires_in": int(ttl)}
-        if refresh:
-            payload["refresh_token"], _ = self.signer.issue(account, "refresh")
-        return payload
+    def _close_family(self, family: str) -> None:
+        for entry in list(self.agents.values()):
+            if entry.family == family:
+                entry.tunnel.close(CloseCode.SIGNED_OUT, "signed out; sign in again to reconnect")
 
     async def _exchange(self, request: HttpRequest, account: str, target: str) -> HttpResponse:
         query = request.query
@@ -487,6 +512,8 @@ def _reject(link: WsLink, error: HttpError) -> None:
     protocol = link.protocol
     assert isinstance(protocol, ServerProtocol)
     response = protocol.reject(error.status, json.dumps({"error": error.code, "message": error.message}) + "\n")
+    # Assigning to websockets Headers appends, so drop reject()'s text/plain first.
+    del response.headers["Content-Type"]
     response.headers["Content-Type"] = "application/json"
     if error.status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
@@ -506,16 +533,6 @@ def _bearer(request: HttpRequest) -> str | None:
 def _require_method(request: HttpRequest, method: str) -> None:
     if request.method != method:
         raise HttpError(405, "method_not_allowed", f"{request.path} accepts {method}, not {request.method}", [("Allow", method)])
-
-
-def _json_body(request: HttpRequest) -> dict[str, Any]:
-    try:
-        body = json.loads(request.body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise HttpError(400, "invalid_json", f"request body is not valid UTF-8 JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise HttpError(400, "invalid_json", "request body must be a JSON object")
-    return body
 
 
 def _int_param(query: dict[str, str], name: str, default: int, low: int, high: int) -> int:

@@ -18,7 +18,7 @@ from websockets.server import ServerProtocol
 
 from app.core.frames import CloseCode, ErrorCode
 from app.core.tunnel import Tunnel
-from app.core.wslink import WsLink
+from app.core.wslink import Message, WsLink
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,8 @@ class WebSocketStream:
         protocol = self.link.protocol
         assert isinstance(protocol, ServerProtocol)
         response = protocol.reject(failure.status, json.dumps({"error": failure.code, "message": failure.message}) + "\n")
+        # Assigning to websockets Headers appends, so drop reject()'s text/plain first.
+        del response.headers["Content-Type"]
         response.headers["Content-Type"] = "application/json"
         self.link.respond(response)
         self._finish()
@@ -169,7 +171,7 @@ class WebSocketStream:
 
     # Client side ---------------------------------------------------------------
 
-    def _on_client_message(self, message: bytes) -> None:
+    def _on_client_message(self, message: Message) -> None:
         tunnel = self.tunnel
         if tunnel is None or not message or not tunnel.can_send(self.stream_id):
             return

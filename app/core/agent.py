@@ -24,6 +24,7 @@ from app import __version__
 
 from . import frames
 from . import session as s
+from .auth import Tokens
 from .backoff import Backoff
 from .bridge import SocketBridge
 from .config import Target
@@ -41,6 +42,12 @@ TARGET_CONNECT_TIMEOUT_S = 10.0
 # A session that lasted this long resets the backoff to its base delay.
 STABLE_SESSION_S = 10.0
 STOP_TIMEOUT_S = 5.0
+# Renew the access token once this fraction of its remaining lifetime passed.
+RENEW_AT_FRACTION = 0.5
+# How long the relay may take to confirm a renewed token.
+RENEW_CONFIRM_TIMEOUT_S = 10.0
+RENEW_RETRY_BASE_S = 0.2
+RENEW_RETRY_CAP_S = 5.0
 
 
 class AgentState(enum.Enum):
@@ -60,9 +67,15 @@ class AgentStatus:
 
 
 class TokenSource(Protocol):
-    async def access_token(self) -> str: ...
+    async def access_token(self) -> Tokens: ...
+
+    async def renew(self) -> Tokens: ...
 
     def invalidate(self) -> None: ...
+
+
+class DuplicateDevice(Exception):
+    """The relay replaced this session with another agent's of the same device name."""
 
 
 class TargetUnreachable(Exception):
@@ -147,6 +160,7 @@ class Agent:
         self.status = AgentStatus(AgentState.STOPPED)
         self.tunnel: Tunnel | None = None
         self.sessions_started = 0
+        self.token_renewals = 0
         self._on_status = on_status
         self._ssl = ssl_context
         self._connect_timeout = connect_timeout
@@ -154,6 +168,7 @@ class Agent:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._connected = asyncio.Event()
+        self._auth_waiter: asyncio.Future[int] | None = None
 
     def __repr__(self) -> str:
         return f"<Agent device={self.device!r} relay={self.relay_url!r} state={self.status.state.value}>"
@@ -174,6 +189,9 @@ class Agent:
             except SignInError as exc:
                 logger.error("%s", exc)
                 self._set_status(AgentStatus(AgentState.SIGNED_OUT, str(exc)))
+                delay_floor = self.backoff.cap
+            except DuplicateDevice as exc:
+                logger.error("%s", exc)
                 delay_floor = self.backoff.cap
             except Exception as exc:
                 self._log_failure(exc)
@@ -219,15 +237,21 @@ class Agent:
     # One session -------------------------------------------------------------
 
     async def _serve_once(self) -> None:
-        link = await self._open_link()
+        link, tokens = await self._open_link()
         info = {"device": self.device, "targets": sorted(self.targets), "version": __version__}
         session = s.Session(s.Role.AGENT, window=self.window, info=info)
-        connected = asyncio.get_running_loop().create_future()
+        connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def on_hello(_hello: s.HelloReceived) -> None:
+            if not connected.done():
+                connected.set_result(None)
+
         tunnel = Tunnel(
             session,
             link,
             on_open_request=self._on_open_request,
-            on_hello=lambda _hello: connected.done() or connected.set_result(None),
+            on_hello=on_hello,
+            on_auth=self._on_auth,
             label=f"relay {self.relay_url}",
         )
         self.tunnel = tunnel
@@ -241,7 +265,14 @@ class Agent:
                 self._set_status(AgentStatus(AgentState.CONNECTED, f"connected to {self.relay_url}", connected_since=since))
                 self._connected.set()
                 logger.info("connected to %s as device %r; serving targets %s", self.relay_url, self.device, ", ".join(sorted(self.targets)) or "(none)")
-            await closed
+                renewer = asyncio.ensure_future(self._keep_token_fresh(tunnel, tokens.expires_at))
+                try:
+                    await closed
+                finally:
+                    renewer.cancel()
+                    await asyncio.gather(renewer, return_exceptions=True)
+            else:
+                await closed
         finally:
             self._connected.clear()
             if not connected.done():
@@ -249,22 +280,77 @@ class Agent:
         code, reason = link.close_code, link.close_reason
         if not self._stopping:
             logger.warning("tunnel to %s closed (code %s): %s", self.relay_url, code, reason or "connection lost")
-        if code == CloseCode.TOKEN_EXPIRED:
+        if code in (CloseCode.TOKEN_EXPIRED, CloseCode.TOKEN_REJECTED, CloseCode.SIGNED_OUT):
             self.tokens.invalidate()
+        if code == CloseCode.SIGNED_OUT:
+            raise SignInError(f"signed out by the relay: {reason}; sign in again with 'deskbridge login'")
+        if code == CloseCode.SESSION_REPLACED:
+            # A live session was replaced, so another agent uses this device
+            # name; reconnecting at once would make the two evict each other.
+            raise DuplicateDevice(
+                f"another agent connected as device {self.device!r} and replaced this one; "
+                "give each computer its own device name (--device)"
+            )
 
-    async def _open_link(self) -> WsLink:
+    def _on_auth(self, event: s.AuthReceived | s.AuthAccepted) -> None:
+        waiter = self._auth_waiter
+        if isinstance(event, s.AuthAccepted) and waiter is not None and not waiter.done():
+            waiter.set_result(event.expires_in)
+
+    async def _keep_token_fresh(self, tunnel: Tunnel, expires_at: float) -> None:
+        """Renew the access token on the open session before it expires, for as long as it is open.
+
+        A refresh that fails for a temporary reason (a 5xx answer, a time-out,
+        a network error) is retried with backoff. Only an explicit rejection
+        ends the renewals and marks the agent signed out; the relay then
+        closes the session when the current token expires.
+        """
+        loop = asyncio.get_running_loop()
+        while not tunnel.ended:
+            await asyncio.sleep(max(0.0, (expires_at - time.time()) * RENEW_AT_FRACTION))
+            retry = RENEW_RETRY_BASE_S
+            while True:
+                try:
+                    tokens = await self.tokens.renew()
+                    break
+                except SignInError as exc:
+                    logger.error("renewing the access token was rejected: %s", exc)
+                    self._set_status(AgentStatus(AgentState.SIGNED_OUT, f"signed out: sign in again ({exc})"))
+                    return
+                except (OSError, asyncio.TimeoutError, HandshakeError) as exc:
+                    logger.warning("renewing the access token failed (%s); retrying in %.1f s", exc, retry)
+                    await asyncio.sleep(retry)
+                    retry = min(retry * 2, RENEW_RETRY_CAP_S)
+            if tunnel.ended:
+                return
+            self._auth_waiter = loop.create_future()
+            tunnel.session.send_auth(tokens.access_token)
+            tunnel.flush()
+            try:
+                expires_in = await asyncio.wait_for(self._auth_waiter, RENEW_CONFIRM_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                logger.warning("the relay did not confirm the renewed access token within %.0f s", RENEW_CONFIRM_TIMEOUT_S)
+                expires_in = int(tokens.expires_at - time.time())
+            finally:
+                self._auth_waiter = None
+            expires_at = time.time() + expires_in
+            self.token_renewals += 1
+            logger.debug("access token renewed; valid for %d s", expires_in)
+
+    async def _open_link(self) -> tuple[WsLink, Tokens]:
         url = self.relay_url + AGENT_PATH
         for attempt in range(2):
-            token = await self.tokens.access_token()
-            headers = {"Authorization": f"Bearer {token}", "Deskbridge-Device": self.device}
+            tokens = await self.tokens.access_token()
+            headers = {"Authorization": f"Bearer {tokens.access_token}", "Deskbridge-Device": self.device}
             try:
-                return await connect(
+                link = await connect(
                     url,
                     headers,
                     timeout=self._connect_timeout,
                     max_message_size=frames.MAX_MESSAGE_SIZE * 4,
                     ssl_context=self._ssl,
                 )
+                return link, tokens
             except HandshakeError as exc:
                 if exc.status != 401:
                     raise

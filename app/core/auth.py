@@ -54,6 +54,12 @@ def _post_json(url: str, payload: dict[str, Any], ssl_context: ssl.SSLContext | 
             return response.status, _parse_json(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, _parse_json(exc.read())
+    except urllib.error.URLError as exc:
+        # Re-raise the socket error that urllib wrapped, so callers see
+        # ConnectionRefusedError and friends and describe_os_error words them.
+        if isinstance(exc.reason, OSError):
+            raise exc.reason from None
+        raise
 
 
 def _parse_json(body: bytes) -> dict[str, Any]:
@@ -73,35 +79,68 @@ def _tokens_from(body: dict[str, Any], fallback_refresh: str | None = None) -> T
             refresh_token=str(body["refresh_token"]) if body.get("refresh_token") else fallback_refresh,
         )
     except (KeyError, TypeError, ValueError):
-        raise DeskbridgeError("the relay's sign-in answer is missing fields; is the URL a Deskbridge relay?") from None
+        raise DeskbridgeError("the relay's sign-in response is missing fields; check that the URL points to a Deskbridge relay") from None
 
 
-async def login(relay_url: str, username: str, password: str, ssl_context: ssl.SSLContext | None = None) -> Tokens:
-    """Sign in with a password and return fresh tokens."""
-    url = http_base(relay_url) + "/v1/auth/login"
-    status, body = await asyncio.to_thread(_post_json, url, {"username": username, "password": password}, ssl_context)
-    if status == 200:
-        return _tokens_from(body)
+class CodeRequired(SignInError):
+    """The account has a second factor: sign in again with its one-time code."""
+
+
+def _raise_for(status: int, body: dict[str, Any], context: str) -> None:
+    """Raise SignInError for an explicit rejection, HandshakeError for a response that may be temporary."""
     message = str(body.get("message") or f"HTTP {status}")
+    code = body.get("error")
+    if code == "code_required":
+        raise CodeRequired(message)
+    if status == 429:
+        raise HandshakeError(status, message)
     if status in (400, 401, 403):
-        raise SignInError(f"sign-in failed: {message}")
+        raise SignInError(f"{context}: {message}")
     raise HandshakeError(status, message)
+
+
+async def login(
+    relay_url: str,
+    username: str,
+    password: str,
+    code: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Tokens:
+    """Sign in with a password (and a one-time code if the account needs one)."""
+    url = http_base(relay_url) + "/v1/auth/login"
+    payload = {"username": username, "password": password}
+    if code:
+        payload["code"] = code
+    status, body = await asyncio.to_thread(_post_json, url, payload, ssl_context)
+    if status != 200:
+        _raise_for(status, body, "sign-in failed")
+    return _tokens_from(body)
 
 
 async def refresh(relay_url: str, refresh_token: str, ssl_context: ssl.SSLContext | None = None) -> Tokens:
-    """Exchange a refresh token for a new access token."""
+    """Exchange a refresh token for new tokens; the old refresh token is used up."""
     url = http_base(relay_url) + "/v1/auth/refresh"
     status, body = await asyncio.to_thread(_post_json, url, {"refresh_token": refresh_token}, ssl_context)
-    if status == 200:
-        return _tokens_from(body, refresh_token)
-    message = str(body.get("message") or f"HTTP {status}")
-    if status in (400, 401, 403):
-        raise SignInError(f"the relay rejected the saved sign-in: {message}")
-    raise HandshakeError(status, message)
+    if status != 200:
+        _raise_for(status, body, "the relay rejected the saved sign-in")
+    return _tokens_from(body, refresh_token)
+
+
+async def logout(relay_url: str, refresh_token: str, ssl_context: ssl.SSLContext | None = None) -> None:
+    """Revoke a sign-in on the relay."""
+    url = http_base(relay_url) + "/v1/auth/logout"
+    status, body = await asyncio.to_thread(_post_json, url, {"refresh_token": refresh_token}, ssl_context)
+    if status != 200:
+        _raise_for(status, body, "sign-out failed")
 
 
 class RelayTokens:
-    """Access tokens for the agent, refreshed from the token in a credential store."""
+    """The agent's access tokens, refreshed with the refresh token in a credential store.
+
+    Every refresh rotates the refresh token, so the new one is saved before
+    the access token is used. A lock keeps two refreshes from presenting the
+    same old token, because the relay would take that for theft.
+    """
 
     def __init__(
         self,
@@ -115,6 +154,7 @@ class RelayTokens:
         self._store = store
         self._ssl = ssl_context
         self._current: Tokens | None = None
+        self._lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"<RelayTokens account={self.account!r} relay={self.relay_url!r}>"
@@ -122,18 +162,24 @@ class RelayTokens:
     def invalidate(self) -> None:
         self._current = None
 
-    async def access_token(self) -> str:
+    async def access_token(self) -> Tokens:
+        """Return tokens whose access token is valid for a while yet, refreshing if needed."""
         current = self._current
         if current is not None and current.expires_at - EXPIRY_MARGIN_S > time.time():
-            return current.access_token
-        saved = await self._store.get(self.relay_url, self.account)
-        if not saved:
-            raise SignInError(
-                f"not signed in to {self.relay_url} as {self.account!r}; "
-                f"run: deskbridge login --relay {self.relay_url} --username {self.account}"
-            )
-        tokens = await refresh(self.relay_url, saved, self._ssl)
-        if tokens.refresh_token and tokens.refresh_token != saved:
-            await self._store.set(self.relay_url, self.account, tokens.refresh_token)
-        self._current = tokens
-        return tokens.access_token
+            return current
+        return await self.renew()
+
+    async def renew(self) -> Tokens:
+        """Fetch a new access token now, rotating the saved refresh token."""
+        async with self._lock:
+            saved = await self._store.get(self.relay_url, self.account)
+            if not saved:
+                raise SignInError(
+                    f"not signed in to {self.relay_url} as {self.account!r}; "
+                    f"run: deskbridge login --relay {self.relay_url} --username {self.account}"
+                )
+            tokens = await refresh(self.relay_url, saved, self._ssl)
+            if tokens.refresh_token and tokens.refresh_token != saved:
+                await self._store.set(self.relay_url, self.account, tokens.refresh_token)
+            self._current = tokens
+            return tokens

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import ssl
+import urllib.error
 
 
 class DeskbridgeError(Exception):
@@ -72,6 +73,11 @@ def is_retryable(exc: BaseException) -> bool:
 
 def describe_os_error(exc: OSError) -> str:
     """Return a short, human wording for a socket error."""
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        # urllib wraps the socket error; describe the cause instead.
+        if isinstance(exc.reason, OSError):
+            return describe_os_error(exc.reason)
+        return str(exc.reason)
     if isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED:
         return "connection refused"
     if isinstance(exc, TimeoutError) or exc.errno == errno.ETIMEDOUT:

@@ -54,6 +54,8 @@ class FrameType(enum.IntEnum):
     WINDOW = 0x06
     FIN = 0x07
     RESET = 0x08
+    AUTH = 0x09
+    AUTH_OK = 0x0A
 
 
 class ErrorCode(enum.IntEnum):
@@ -91,6 +93,8 @@ class CloseCode(enum.IntEnum):
     SESSION_REPLACED = 4001
     UNSUPPORTED_VERSION = 4002
     TOKEN_EXPIRED = 4003
+    TOKEN_REJECTED = 4004
+    SIGNED_OUT = 4005
 
 
 class FrameError(ValueError):
@@ -101,7 +105,8 @@ class FrameError(ValueError):
 class Frame:
     type: FrameType
     stream_id: int
-    payload: bytes | memoryview = b""
+    # A view into the received message, so decoding copies nothing.
+    payload: memoryview = memoryview(b"")
 
 
 def encode(frame_type: FrameType, stream_id: int, payload: bytes | memoryview = b"") -> bytes:
@@ -119,6 +124,27 @@ def encode_code_reason(frame_type: FrameType, stream_id: int, code: int, reason:
     # Cutting may split a multi-byte character; drop the broken tail.
     text = text.decode("utf-8", "ignore").encode()
     return encode(frame_type, stream_id, _U16.pack(code) + text)
+
+
+def encode_auth_ok(expires_in: int) -> bytes:
+    return encode(FrameType.AUTH_OK, 0, _U32.pack(max(0, min(expires_in, 2**32 - 1))))
+
+
+def parse_auth(payload: bytes | memoryview) -> str:
+    raw = bytes(payload)
+    if not raw:
+        raise FrameError("AUTH carries an empty token")
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise FrameError("AUTH token is not ASCII") from None
+
+
+def parse_auth_ok(payload: bytes | memoryview) -> int:
+    if len(payload) != _U32.size:
+        raise FrameError(f"AUTH_OK payload must be 4 bytes, got {len(payload)}")
+    (expires_in,) = _U32.unpack_from(payload)
+    return int(expires_in)
 
 
 def encode_window(stream_id: int, increment: int) -> bytes:
@@ -154,7 +180,9 @@ def parse_hello(payload: bytes | memoryview) -> tuple[int, int, dict[str, Any]]:
     if raw:
         try:
             info = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        # json raises RecursionError for nesting deeper than the recursion
+        # limit, which 16 KiB of "[" easily reaches.
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise FrameError(f"HELLO metadata is not valid UTF-8 JSON: {exc}") from None
         if not isinstance(info, dict):
             raise FrameError("HELLO metadata must be a JSON object")

@@ -127,6 +127,20 @@ class CreditAvailable:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthReceived:
+    """The agent presented a new access token on the open session (relay side)."""
+
+    token: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthAccepted:
+    """The relay accepted the renewed token, valid for ``expires_in`` seconds (agent side)."""
+
+    expires_in: int
+
+
+@dataclass(frozen=True, slots=True)
 class SessionFailed:
     close_code: int
     reason: str
@@ -142,6 +156,8 @@ Event = Union[
     StreamReset,
     StreamClosed,
     CreditAvailable,
+    AuthReceived,
+    AuthAccepted,
     SessionFailed,
 ]
 
@@ -267,6 +283,8 @@ class Session:
             self._on_fin(frame, events)
         elif kind is FrameType.RESET:
             self._on_reset(frame, events)
+        elif kind is FrameType.AUTH or kind is FrameType.AUTH_OK:
+            self._on_auth(frame, events)
         else:
             raise _PeerError("HELLO received twice")
 
@@ -393,7 +411,36 @@ class Session:
         del self._streams[stream.id]
         events.append(StreamReset(stream.id, code, reason))
 
+    def _on_auth(self, frame: frames.Frame, events: list[Event]) -> None:
+        if frame.stream_id != 0:
+            raise _PeerError(f"{frame.type.name} must use stream id 0")
+        if frame.type is FrameType.AUTH:
+            if self.role is not Role.RELAY:
+                raise _PeerError("AUTH is sent by the agent only")
+            events.append(AuthReceived(frames.parse_auth(frame.payload)))
+        else:
+            if self.role is not Role.AGENT:
+                raise _PeerError("AUTH_OK is sent by the relay only")
+            events.append(AuthAccepted(frames.parse_auth_ok(frame.payload)))
+
     # Commands ----------------------------------------------------------------
+
+    def send_auth(self, token: str) -> None:
+        """Queue a renewed access token for the relay (agent side)."""
+        self._require_open()
+        if self.role is not Role.AGENT:
+            raise LocalProtocolError("only the agent sends AUTH")
+        encoded = token.encode("ascii")
+        if not encoded or len(encoded) > frames.MAX_CONTROL_PAYLOAD:
+            raise LocalProtocolError("access token must be 1 to 16384 ASCII characters")
+        self._out.append(frames.encode(FrameType.AUTH, 0, encoded))
+
+    def send_auth_ok(self, expires_in: int) -> None:
+        """Confirm a renewed access token (relay side)."""
+        self._require_open()
+        if self.role is not Role.RELAY:
+            raise LocalProtocolError("only the relay sends AUTH_OK")
+        self._out.append(frames.encode_auth_ok(expires_in))
 
     def open_stream(self, target: str) -> int:
         """Queue an OPEN frame for ``target`` and return the new stream id."""
@@ -484,7 +531,9 @@ class Session:
     def consume(self, stream_id: int, size: int) -> None:
         """Report that ``size`` received bytes were handed on, granting credit back."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.fin_received:
+        # A size of 0 must not reach the grant below: with the window used up
+        # it would send a WINDOW of 0, which the peer rejects.
+        if stream is None or stream.fin_received or size <= 0:
             return
         stream.ungranted += size
         if stream.ungranted >= self._grant_threshold or stream.receive_remaining == 0:
@@ -548,6 +597,8 @@ class Session:
 
 
 __all__ = [
+    "AuthAccepted",
+    "AuthReceived",
     "CloseCode",
     "CreditAvailable",
     "DataReceived",

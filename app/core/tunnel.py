@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from . import session as s
 from .frames import CloseCode, ErrorCode
-from .wslink import WsLink
+from .wslink import Message, WsLink
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class Tunnel:
         on_open_request: OpenRequestHandler | None = None,
         on_hello: Callable[[s.HelloReceived], None] | None = None,
         on_end: Callable[[int, str], None] | None = None,
+        on_auth: Callable[[s.AuthReceived | s.AuthAccepted], None] | None = None,
         label: str = "tunnel",
     ) -> None:
         self.session = session
@@ -62,6 +63,7 @@ class Tunnel:
         self._on_open_request = on_open_request
         self._on_hello = on_hello
         self._on_end = on_end
+        self._on_auth = on_auth
         link.on_close = self._on_link_closed
         link.set_message_handler(self._on_message)
 
@@ -131,7 +133,7 @@ class Tunnel:
 
     # Input -------------------------------------------------------------------
 
-    def _on_message(self, message: bytes) -> None:
+    def _on_message(self, message: Message) -> None:
         events = self.session.receive(message)
         self._dispatch(events)
         self.flush()
@@ -178,6 +180,9 @@ class Tunnel:
                 self.peer_info = event.info
                 if self._on_hello is not None:
                     self._on_hello(event)
+            elif isinstance(event, (s.AuthReceived, s.AuthAccepted)):
+                if self._on_auth is not None:
+                    self._on_auth(event)
             elif isinstance(event, s.SessionFailed):
                 self.link.close(event.close_code, event.reason)
                 self._end(event.close_code, event.reason)

@@ -33,7 +33,10 @@ logger = logging.getLogger(__name__)
 # TCP connection is dropped.
 CLOSE_TIMEOUT_S = 5.0
 
-MessageHandler = Callable[[bytes], None]
+# websockets types Frame.data as any of these. At runtime an unmasked frame
+# (relay to agent) arrives as bytearray and a masked one as bytes.
+Message = bytes | bytearray | memoryview
+MessageHandler = Callable[[Message], None]
 CloseHandler = Callable[[int, str], None]
 
 
@@ -51,7 +54,7 @@ class WsLink(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         # Messages that arrive before a handler is set (the server's first
         # frames often come in the same read as its 101 answer) wait here.
-        self._early: list[bytes] = []
+        self._early: list[Message] = []
         self.on_message: MessageHandler = self._early.append
         self.on_close: CloseHandler = _ignore_close
         self.on_request = on_request
@@ -62,7 +65,7 @@ class WsLink(asyncio.Protocol):
         self.close_code: int | None = None
         self.close_reason = ""
         self._max_message_size = max_message_size
-        self._fragments: list[bytes] = []
+        self._fragments: list[Message] = []
         self._fragments_size = 0
         self._close_timer: asyncio.TimerHandle | None = None
         self._paused = False
@@ -89,6 +92,11 @@ class WsLink(asyncio.Protocol):
             self._close_timer.cancel()
         if self.protocol.state is not State.CLOSED:
             self.protocol.state = State.CLOSED
+        sent, received = self.protocol.close_sent, self.protocol.close_rcvd
+        if self.close_code is None and sent is not None and received is None:
+            # The websockets protocol failed the connection on its own, for
+            # example on a message over the size limit, so report the code it sent.
+            self.close_code, self.close_reason = sent.code, sent.reason
         code = self.protocol.close_code if self.protocol.close_code is not None else 1006
         reason = self.protocol.close_reason or (str(exc) if exc else "")
         if self.close_code is None:
@@ -355,8 +363,9 @@ def _error_message(response: Response) -> str:
     body = bytes(response.body)
     try:
         payload = json.loads(body.decode("utf-8"))
-        if isinstance(payload, dict) and isinstance(payload.get("message"), str):
-            return payload["message"]
+        message = payload.get("message") if isinstance(payload, dict) else None
+        if isinstance(message, str):
+            return message
     except (UnicodeDecodeError, ValueError):
         pass
     text = body.decode("utf-8", "replace").strip()
