@@ -1,4 +1,8 @@
-"""Command line of the desktop agent: ``deskbridge login``, ``logout`` and ``run``."""
+"""Command line of the desktop agent: ``deskbridge login``, ``logout`` and ``run``.
+
+``deskbridge run`` opens the window unless ``--headless`` is given, and so
+does ``deskbridge`` without a command.
+"""
 
 from __future__ import annotations
 
@@ -45,9 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run_cmd = commands.add_parser("run", help="connect to the relay and serve the targets")
     run_cmd.add_argument("--headless", action="store_true", help="run without a window, logging to stderr and the log file")
+    run_cmd.add_argument("--minimized", action="store_true", help="start with the window hidden in the tray (where a tray exists)")
     run_cmd.add_argument("--relay", help="relay URL (saved in the config file)")
     run_cmd.add_argument("--username", help="account name (saved in the config file)")
     run_cmd.add_argument("--device", help="this device's name at the relay (default: the host name)")
+    run_cmd.add_argument("--ping-interval", type=float, metavar="SECONDS", help="heartbeat ping interval (default 15; saved in the config file)")
+    run_cmd.add_argument("--ping-timeout", type=float, metavar="SECONDS", help="time a heartbeat pong may take before the link counts as lost (default 10; saved)")
+    run_cmd.add_argument("--grace", type=float, metavar="SECONDS", help="how long open streams wait for a lost relay connection to come back (default 120; saved)")
     run_cmd.add_argument(
         "--password-stdin",
         action="store_true",
@@ -68,9 +76,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 2
+        # Without a command, open the window, as a desktop launcher does.
+        args = parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "run"])
     dirs = app_dirs().create()
+    if args.command == "run" and not args.headless:
+        try:
+            return _run_gui(args)
+        except ConfigError as exc:
+            print(f"deskbridge: {exc}", file=sys.stderr)
+            return 2
     configure_logging(args.log_level, dirs.logs)
     try:
         if args.command == "login":
@@ -173,6 +187,13 @@ def _merge_run_options(args: argparse.Namespace, config: AgentConfig) -> bool:
     if args.device:
         config.device = args.device
         changed = True
+    for name in ("ping_interval", "ping_timeout", "grace"):
+        value = getattr(args, name)
+        if value is not None:
+            if value <= 0 and name != "grace" or value < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds")
+            setattr(config, name, value)
+            changed = True
     if args.target:
         config.targets = {}
         for spec in args.target:
@@ -182,10 +203,20 @@ def _merge_run_options(args: argparse.Namespace, config: AgentConfig) -> bool:
     return changed
 
 
+def _run_gui(args: argparse.Namespace) -> int:
+    """Open the window; options given on the command line are saved to the config first."""
+    if args.password_stdin:
+        raise ConfigError("--password-stdin works only with --headless; the window asks for the password itself")
+    from .gui.main import run_gui
+
+    dirs = app_dirs()
+    config = load_config(dirs.config)
+    if _merge_run_options(args, config):
+        save_config(dirs.config, config)
+    return run_gui(dirs, minimized=args.minimized, log_level=args.log_level)
+
+
 def _run(args: argparse.Namespace) -> int:
-    if not args.headless:
-        print("deskbridge: this version has no window yet; use 'deskbridge run --headless'", file=sys.stderr)
-        return 2
     dirs = app_dirs()
     config = load_config(dirs.config)
     if _merge_run_options(args, config):
@@ -226,6 +257,9 @@ async def run_headless(config: AgentConfig, args: argparse.Namespace) -> int:
         targets=config.targets,
         tokens=RelayTokens(config.relay_url, config.account, store),
         traffic=LoggingSink(logging.getLogger("deskbridge.traffic")),
+        ping_interval=config.ping_interval,
+        ping_timeout=config.ping_timeout,
+        grace=config.grace,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

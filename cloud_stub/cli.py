@@ -19,7 +19,7 @@ from app.core.logs import configure_logging
 
 from .accounts import Accounts, PasswordHash
 from .signin import LOGIN_MAX_FAILURES, LOGIN_WINDOW_S
-from .relay import Relay, RelayConfig, parse_exposures
+from .relay import GRACE_S, PING_INTERVAL_S, PING_TIMEOUT_S, Relay, RelayConfig, parse_exposures
 
 logger = logging.getLogger("deskbridge.relay")
 
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--refresh-token-ttl", type=float, default=30 * 24 * 3600, metavar="SECONDS", help="lifetime of refresh tokens (default 30 days)")
     parser.add_argument("--login-max-failures", type=int, default=LOGIN_MAX_FAILURES, metavar="N", help=f"failed sign-ins per user name within --login-window before 429 (default {LOGIN_MAX_FAILURES}; per address 4 times that)")
     parser.add_argument("--login-window", type=float, default=LOGIN_WINDOW_S, metavar="SECONDS", help=f"window for counting failed sign-ins (default {LOGIN_WINDOW_S:.0f})")
+    parser.add_argument("--ping-interval", type=float, default=PING_INTERVAL_S, metavar="SECONDS", help=f"heartbeat ping interval on agent connections (default {PING_INTERVAL_S:g})")
+    parser.add_argument("--ping-timeout", type=float, default=PING_TIMEOUT_S, metavar="SECONDS", help=f"time a heartbeat pong may take before the connection counts as lost (default {PING_TIMEOUT_S:g})")
+    parser.add_argument("--grace", type=float, default=GRACE_S, metavar="SECONDS", help=f"how long a lost agent's streams and cloud sockets wait for it to resume (default {GRACE_S:g})")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log detail (default INFO)")
     return parser
 
@@ -81,6 +84,8 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         accounts.add_spec(spec)
     for spec in args.totp:
         accounts.add_totp_spec(spec)
+    if args.ping_interval <= 0 or args.ping_timeout <= 0 or args.grace < 0:
+        raise ConfigError("--ping-interval and --ping-timeout must be positive and --grace at least 0")
     if args.login_max_failures < 1 or args.login_window <= 0:
         raise ConfigError("--login-max-failures must be at least 1 and --login-window positive")
     api_keys = list(args.api_key)
@@ -102,6 +107,9 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         refresh_ttl=args.refresh_token_ttl,
         login_max_failures=args.login_max_failures,
         login_window=args.login_window,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+        grace=args.grace,
     )
 
 

@@ -19,6 +19,7 @@ import hmac
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -55,6 +56,10 @@ CLOUD_MAX_MESSAGE = 1024 * 1024
 MAX_EXCHANGE_REPLY = 16 * 1024 * 1024
 DEFAULT_EXCHANGE_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
+PING_INTERVAL_S = 15.0
+PING_TIMEOUT_S = 10.0
+# How long a lost agent's streams and cloud sockets are kept for it to resume.
+GRACE_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +106,9 @@ class RelayConfig:
     login_max_failures: int = LOGIN_MAX_FAILURES
     login_window: float = LOGIN_WINDOW_S
     window: int = s.DEFAULT_WINDOW
+    ping_interval: float = PING_INTERVAL_S
+    ping_timeout: float = PING_TIMEOUT_S
+    grace: float = GRACE_S
 
     def __repr__(self) -> str:
         return f"<RelayConfig {self.host}:{self.port} accounts={self.accounts.names} exposures={len(self.exposures)}>"
@@ -128,6 +136,8 @@ class AgentEntry:
         self.totals: dict[str, TargetTotals] = {}
         self.family = ""
         self.access_expires_at = 0.0
+        self.session_id = secrets.token_hex(8)
+        self.resume_secret = secrets.token_urlsafe(32)
         self._active: dict[object, str] = {}
         self._expiry_timer: asyncio.TimerHandle | None = None
 
@@ -188,6 +198,8 @@ class AgentEntry:
         return {
             "account": self.account,
             "device": self.device,
+            "state": "reconnecting" if self.tunnel.detached else "connected",
+            "resumes": self.tunnel.resumes,
             "connected_at": datetime.fromtimestamp(self.connected_at, timezone.utc).isoformat(),
             "remote_address": self.remote,
             "agent_version": str(self.tunnel.peer_info.get("version", "")),
@@ -219,8 +231,16 @@ class CloudSocket(SocketBridge):
         self._entry = entry
         entry.track(self, exposure.target)
         self.done.add_done_callback(lambda _f: entry.untrack(self))
-        sid = entry.tunnel.open(exposure.target, self)
-        self.bind(entry.tunnel, sid)
+        assert self.transport is not None
+        if not entry.ready.done():
+            # Nothing may be read before the stream exists to carry it.
+            self.transport.pause_reading()
+        self._relay.open_when_ready(entry, exposure.target, self)
+
+    def bind(self, tunnel: Tunnel, stream_id: int) -> None:
+        super().bind(tunnel, stream_id)
+        if self.transport is not None and not self.transport.is_closing() and not self.transport.is_reading():
+            self.transport.resume_reading()
 
 
 class Relay:
@@ -310,12 +330,31 @@ class Relay:
     # Agents ------------------------------------------------------------------
 
     def find_agent(self, account: str, device: str | None = None) -> AgentEntry | None:
-        """Return the ready agent for an account (the newest one unless a device is named)."""
+        """Return the agent for an account (the newest one unless a device is named).
+
+        An agent whose connection is lost but still within the grace period
+        counts: streams opened meanwhile start once it resumes.
+        """
         if device is not None:
             entry = self.agents.get((account, device))
-            return entry if entry is not None and entry.tunnel.ready else None
-        candidates = [e for e in self.agents.values() if e.account == account and e.tunnel.ready]
+            return entry if entry is not None and not entry.tunnel.ended else None
+        candidates = [e for e in self.agents.values() if e.account == account and not e.tunnel.ended]
         return max(candidates, key=lambda e: e.connected_at, default=None)
+
+    def open_when_ready(self, entry: AgentEntry, target: str, handler: Any) -> None:
+        """Open a stream for ``handler`` once the agent's HELLO has arrived, then bind it."""
+
+        def open_stream(_ready: object = None) -> None:
+            if entry.tunnel.ended or entry.ready.cancelled():
+                handler.on_open_failed(ErrorCode.SESSION_CLOSED, "the agent disconnected")
+                return
+            sid = entry.tunnel.open(target, handler)
+            handler.bind(entry.tunnel, sid)
+
+        if entry.ready.done():
+            open_stream()
+        else:
+            entry.ready.add_done_callback(open_stream)
 
     def _accept_agent(self, request: HttpRequest, link: WsLink, ws_request: WsRequest) -> None:
         protocol = link.protocol
@@ -329,9 +368,15 @@ class Relay:
             _reject(link, HttpError(400, "invalid_device", "header Deskbridge-Device must be 1 to 64 letters, digits, spaces, '.', '_' or '-'"))
             return
 
+        link.set_max_message_size(AGENT_MAX_MESSAGE)
+        failure = ""
+        if request.header("deskbridge-resume") is not None:
+            failure = self._resume_agent(request, link, ws_request, claims, device)
+            if not failure:
+                return
+
         # Hand the connection to the tunnel before answering, so that the
         # agent's first frames find a session.
-        link.set_max_message_size(AGENT_MAX_MESSAGE)
         session = s.Session(s.Role.RELAY, window=self.config.window, info={"version": __version__})
         entry = AgentEntry(account, device, request.peer)
         entry.tunnel = Tunnel(
@@ -340,11 +385,21 @@ class Relay:
             on_hello=lambda hello: self._on_agent_hello(entry, hello),
             on_end=lambda code, reason: self._on_agent_end(entry, code, reason),
             on_auth=lambda event: self._on_agent_auth(entry, event),
+            on_detach=lambda code, reason: self._on_agent_detach(entry, reason),
+            grace=self.config.grace,
             label=f"{account}/{device}",
         )
         entry.set_access(claims)
 
-        link.respond(protocol.accept(ws_request))
+        response = protocol.accept(ws_request)
+        response.headers["Deskbridge-Session"] = entry.session_id
+        response.headers["Deskbridge-Resume-Secret"] = entry.resume_secret
+        response.headers["Deskbridge-Resumed"] = "0"
+        if failure:
+            response.headers["Deskbridge-Resume-Failure"] = failure
+            logger.info("agent %s/%s could not resume its session: %s", account, device, failure)
+        link.respond(response)
+        link.start_heartbeat(self.config.ping_interval, self.config.ping_timeout)
         previous = self.agents.get(entry.identity)
         self.agents[entry.identity] = entry
         if previous is not None:
@@ -352,6 +407,48 @@ class Relay:
             previous.tunnel.close(CloseCode.SESSION_REPLACED, "replaced by a newer session of the same device")
         entry.tunnel.flush()
         logger.info("agent %s/%s connected from %s", account, device, request.peer)
+
+    def _resume_agent(self, request: HttpRequest, link: WsLink, ws_request: WsRequest, claims: TokenClaims, device: str) -> str:
+        """Continue a lost session on this connection; return why not, or "" when resumed."""
+        entry = self.agents.get((claims.account, device))
+        if entry is None or entry.tunnel.ended or entry.session_id != request.header("deskbridge-resume"):
+            return "the relay has no such session: it restarted, or the grace period ended"
+        secret = request.header("deskbridge-resume-secret") or ""
+        if not hmac.compare_digest(secret.encode(), entry.resume_secret.encode()):
+            return "the resume secret does not match"
+        try:
+            received = int(request.header("deskbridge-received") or "")
+        except ValueError:
+            return "the Deskbridge-Received header is not a number"
+        session = entry.tunnel.session
+        if not session.can_resume_from(received):
+            return "the relay no longer holds the data this agent is missing"
+
+        protocol = link.protocol
+        assert isinstance(protocol, ServerProtocol)
+        entry.resume_secret = secrets.token_urlsafe(32)
+        response = protocol.accept(ws_request)
+        response.headers["Deskbridge-Session"] = entry.session_id
+        response.headers["Deskbridge-Resume-Secret"] = entry.resume_secret
+        response.headers["Deskbridge-Resumed"] = "1"
+        response.headers["Deskbridge-Received"] = str(session.received_count)
+        link.respond(response)
+        link.start_heartbeat(self.config.ping_interval, self.config.ping_timeout)
+
+        entry.remote = request.peer
+        entry.set_access(claims)
+        resent = entry.tunnel.resume_on(link, received)
+        logger.info(
+            "agent %s/%s resumed its session from %s with %d streams open; resent %d bytes",
+            entry.account, entry.device, request.peer, len(entry.tunnel.handlers), resent,
+        )
+        return ""
+
+    def _on_agent_detach(self, entry: AgentEntry, reason: str) -> None:
+        logger.warning(
+            "agent %s/%s lost its connection (%s); keeping %d streams for %g s",
+            entry.account, entry.device, reason, len(entry.tunnel.handlers), self.config.grace,
+        )
 
     def _authenticate_agent(self, request: HttpRequest, link: WsLink) -> TokenClaims | None:
         token = _bearer(request)
@@ -391,6 +488,8 @@ class Relay:
 
     def _on_agent_end(self, entry: AgentEntry, code: int, reason: str) -> None:
         entry.cancel_expiry()
+        if not entry.ready.done():
+            entry.ready.cancel()
         if self.agents.get(entry.identity) is entry:
             del self.agents[entry.identity]
         logger.info("agent %s/%s disconnected (code %s): %s", entry.account, entry.device, code, reason or "no reason given")
@@ -416,9 +515,8 @@ class Relay:
         entry = self._require_agent(account, request.query.get("device"))
         stream = WebSocketStream(link, ws_request, target, on_done=lambda st: entry.untrack(st))
         entry.track(stream, target)
-        sid = entry.tunnel.open(target, stream)
-        stream.bind(entry.tunnel, sid)
-        logger.info("cloud WebSocket from %s opened stream %d to %s/%s", request.peer, sid, account, target)
+        self.open_when_ready(entry, target, stream)
+        logger.info("cloud WebSocket from %s asks for a stream to %s/%s", request.peer, account, target)
 
     async def _handle_request(self, request: HttpRequest) -> HttpResponse:
         segments = request.segments
@@ -439,7 +537,7 @@ class Relay:
         if segments == ["v1", "agents"]:
             _require_method(request, "GET")
             self._require_api_key(request)
-            agents = [entry.describe() for entry in self.agents.values() if entry.tunnel.ready]
+            agents = [entry.describe() for entry in self.agents.values() if entry.ready.done() and not entry.tunnel.ended]
             return json_response(200, {"agents": agents})
         if len(segments) == 6 and segments[:2] == ["v1", "agents"] and segments[3] == "targets" and segments[5] == "exchange":
             _require_method(request, "POST")
@@ -486,9 +584,16 @@ class Relay:
         timeout = _int_param(query, "timeout_ms", int(DEFAULT_EXCHANGE_TIMEOUT_S * 1000), 1, 600_000) / 1000
 
         entry = self._require_agent(account, query.get("device"))
+        if not entry.ready.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(entry.ready), timeout)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                raise HttpError(503, "agent_offline", f"the agent of account {account!r} did not finish connecting") from None
         exchange = Exchange(target, until=until, count=count, idle=idle, max_reply=MAX_EXCHANGE_REPLY)
         entry.track(exchange, target)
         tunnel = entry.tunnel
+        if tunnel.ended:
+            raise HttpError(503, "agent_offline", f"the agent of account {account!r} disconnected")
         sid = tunnel.open(target, exchange)
         exchange.bind(tunnel, sid)
         try:

@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -127,6 +128,7 @@ async def start_agent() -> AsyncIterator[Callable[..., Awaitable[AgentHandle]]]:
         record: bool = False,
         backoff: Backoff | None = None,
         sign_in: bool = True,
+        **options: Any,
     ) -> AgentHandle:
         store = MemoryStore()
         if sign_in:
@@ -143,6 +145,7 @@ async def start_agent() -> AsyncIterator[Callable[..., Awaitable[AgentHandle]]]:
             traffic=sink,
             on_status=statuses.append,
             backoff=backoff or Backoff(base=0.05, cap=0.5),
+            **options,
         )
         task = asyncio.ensure_future(agent.run())
         handle = AgentHandle(agent, task, store, sink, statuses)

@@ -28,7 +28,7 @@ from .auth import Tokens
 from .backoff import Backoff
 from .bridge import SocketBridge
 from .config import Target
-from .errors import HandshakeError, SignInError, describe_os_error, is_retryable
+from .errors import HandshakeError, LocalProtocolError, SignInError, describe_os_error, is_retryable
 from .frames import CloseCode, ErrorCode
 from .traffic import Direction, Kind, TrafficRecord, TrafficSink, now
 from .tunnel import Tunnel
@@ -42,6 +42,16 @@ TARGET_CONNECT_TIMEOUT_S = 10.0
 # A session that lasted this long resets the backoff to its base delay.
 STABLE_SESSION_S = 10.0
 STOP_TIMEOUT_S = 5.0
+# Heartbeat: a ping every interval that must be answered within the timeout,
+# so a link that died silently is found in at most 25 s.
+PING_INTERVAL_S = 15.0
+PING_TIMEOUT_S = 10.0
+# How long streams and desktop sockets are kept while the relay is unreachable.
+GRACE_S = 120.0
+# A wall clock that moved this much more than the monotonic clock between two
+# checks means the machine slept (the monotonic clock stops during sleep).
+CLOCK_JUMP_S = 5.0
+CLOCK_CHECK_S = 1.0
 # Renew the access token once this fraction of its remaining lifetime passed.
 RENEW_AT_FRACTION = 0.5
 # How long the relay may take to confirm a renewed token.
@@ -149,6 +159,9 @@ class Agent:
         window: int = s.DEFAULT_WINDOW,
         ssl_context: ssl.SSLContext | None = None,
         connect_timeout: float = CONNECT_TIMEOUT_S,
+        ping_interval: float = PING_INTERVAL_S,
+        ping_timeout: float = PING_TIMEOUT_S,
+        grace: float = GRACE_S,
     ) -> None:
         self.relay_url = relay_url.rstrip("/")
         self.device = device
@@ -169,6 +182,11 @@ class Agent:
         self._tasks: set[asyncio.Task[None]] = set()
         self._connected = asyncio.Event()
         self._auth_waiter: asyncio.Future[int] | None = None
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.grace = grace
+        self._session_id = ""
+        self._resume_secret = ""
 
     def __repr__(self) -> str:
         return f"<Agent device={self.device!r} relay={self.relay_url!r} state={self.status.state.value}>"
@@ -178,6 +196,32 @@ class Agent:
     async def run(self) -> None:
         """Connect and reconnect until ``stop`` is called."""
         self._stopping = False
+        watcher = asyncio.ensure_future(self._watch_clock())
+        try:
+            await self._run_loop()
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    async def _watch_clock(self) -> None:
+        """Notice the machine waking from sleep and check the link or retry at once."""
+        wall, mono = time.time(), time.monotonic()
+        while True:
+            await asyncio.sleep(CLOCK_CHECK_S)
+            new_wall, new_mono = time.time(), time.monotonic()
+            jump = (new_wall - wall) - (new_mono - mono)
+            wall, mono = new_wall, new_mono
+            if jump < CLOCK_JUMP_S:
+                continue
+            logger.info("the clock jumped %.0f s ahead, so the machine probably slept; checking the connection", jump)
+            self.wake()
+            tunnel = self.tunnel
+            if tunnel is not None and not tunnel.detached and not tunnel.ended:
+                link = tunnel.link
+                if not await link.check_alive(self.ping_timeout):
+                    link.drop("no answer to a ping after waking from sleep")
+
+    async def _run_loop(self) -> None:
         while not self._stopping:
             started = time.monotonic()
             self._set_status(AgentStatus(AgentState.CONNECTING, f"connecting to {self.relay_url}"))
@@ -220,7 +264,9 @@ class Agent:
         self._stopping = True
         self._wake.set()
         tunnel = self.tunnel
-        if tunnel is not None and not tunnel.ended:
+        if tunnel is not None and not tunnel.ended and tunnel.detached:
+            tunnel.abandon("agent is shutting down")
+        elif tunnel is not None and not tunnel.ended:
             tunnel.close(CloseCode.GOING_AWAY, "agent is shutting down")
             try:
                 await asyncio.wait_for(asyncio.shield(tunnel.link.closed), STOP_TIMEOUT_S)
@@ -237,14 +283,48 @@ class Agent:
     # One session -------------------------------------------------------------
 
     async def _serve_once(self) -> None:
-        link, tokens = await self._open_link()
+        """Connect once, resuming the previous session if one is waiting, and serve until the link closes."""
+        previous = self.tunnel if self.tunnel is not None and self.tunnel.detached and not self.tunnel.ended else None
+        resume: dict[str, str] = {}
+        if previous is not None:
+            resume = {
+                "Deskbridge-Resume": self._session_id,
+                "Deskbridge-Resume-Secret": self._resume_secret,
+                "Deskbridge-Received": str(previous.session.received_count),
+            }
+        link, tokens = await self._open_link(resume)
+        headers = link.handshake.result().headers
+        self._session_id = headers.get("Deskbridge-Session", "")
+        self._resume_secret = headers.get("Deskbridge-Resume-Secret", "")
+        link.start_heartbeat(self.ping_interval, self.ping_timeout)
+
+        tunnel = self._resume(previous, link, headers) if previous is not None else None
+        if tunnel is None:
+            tunnel = await self._start_session(link)
+        if tunnel is not None:
+            since = time.time()
+            self._set_status(AgentStatus(AgentState.CONNECTED, f"connected to {self.relay_url}", connected_since=since))
+            self._connected.set()
+            renewer = asyncio.ensure_future(self._keep_token_fresh(tunnel, tokens.expires_at))
+            try:
+                await asyncio.shield(link.closed)
+            finally:
+                self._connected.clear()
+                renewer.cancel()
+                await asyncio.gather(renewer, return_exceptions=True)
+        else:
+            await asyncio.shield(link.closed)
+        self._after_close(link)
+
+    async def _start_session(self, link: WsLink) -> Tunnel | None:
+        """Begin a new tunnel session on ``link``; return it once the relay's HELLO arrived."""
         info = {"device": self.device, "targets": sorted(self.targets), "version": __version__}
         session = s.Session(s.Role.AGENT, window=self.window, info=info)
-        connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        hello: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def on_hello(_hello: s.HelloReceived) -> None:
-            if not connected.done():
-                connected.set_result(None)
+            if not hello.done():
+                hello.set_result(None)
 
         tunnel = Tunnel(
             session,
@@ -252,31 +332,55 @@ class Agent:
             on_open_request=self._on_open_request,
             on_hello=on_hello,
             on_auth=self._on_auth,
+            on_detach=self._on_detach,
+            on_end=self._on_tunnel_end,
+            grace=self.grace,
             label=f"relay {self.relay_url}",
         )
         self.tunnel = tunnel
         self.sessions_started += 1
         tunnel.flush()
+        closed = asyncio.ensure_future(asyncio.shield(link.closed))
         try:
-            closed = asyncio.ensure_future(asyncio.shield(link.closed))
-            await asyncio.wait([connected, closed], return_when=asyncio.FIRST_COMPLETED)
-            if connected.done():
-                since = time.time()
-                self._set_status(AgentStatus(AgentState.CONNECTED, f"connected to {self.relay_url}", connected_since=since))
-                self._connected.set()
-                logger.info("connected to %s as device %r; serving targets %s", self.relay_url, self.device, ", ".join(sorted(self.targets)) or "(none)")
-                renewer = asyncio.ensure_future(self._keep_token_fresh(tunnel, tokens.expires_at))
-                try:
-                    await closed
-                finally:
-                    renewer.cancel()
-                    await asyncio.gather(renewer, return_exceptions=True)
-            else:
-                await closed
+            await asyncio.wait([hello, closed], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self._connected.clear()
-            if not connected.done():
-                connected.cancel()
+            closed.cancel()
+            if not hello.done():
+                hello.cancel()
+        if hello.cancelled():
+            return None
+        logger.info("connected to %s as device %r; serving targets %s", self.relay_url, self.device, ", ".join(sorted(self.targets)) or "(none)")
+        self._record_session("connected to the relay; new session")
+        return tunnel
+
+    def _resume(self, tunnel: Tunnel, link: WsLink, headers: Mapping[str, str]) -> Tunnel | None:
+        """Continue ``tunnel`` on ``link`` if the relay agreed; else end its streams and return None."""
+        streams = len(tunnel.handlers)
+        if headers.get("Deskbridge-Resumed") != "1":
+            failure = headers.get("Deskbridge-Resume-Failure", "the relay started a new session")
+            logger.warning("the relay could not resume the session (%s); resetting %d streams", failure, streams)
+            self._record_session(f"session not resumed: {failure}; {streams} streams reset")
+            tunnel.abandon(f"the relay could not resume the session: {failure}")
+            return None
+        try:
+            resent = tunnel.resume_on(link, int(headers.get("Deskbridge-Received", "")))
+        except (ValueError, LocalProtocolError) as exc:
+            link.close(CloseCode.PROTOCOL_ERROR, "session resumption failed")
+            tunnel.abandon(f"the session could not be resumed: {exc}")
+            raise ConnectionError(f"the relay's resume answer is unusable: {exc}") from None
+        logger.info("resumed the session with %s: %d streams kept, %d bytes resent", self.relay_url, streams, resent)
+        self._record_session(f"session resumed: {streams} streams kept, {resent} bytes resent")
+        return tunnel
+
+    def _on_detach(self, code: int, reason: str) -> None:
+        self._record_session(f"connection lost ({reason}); streams kept for {self.grace:g} s")
+
+    def _on_tunnel_end(self, code: int, reason: str) -> None:
+        if not self._stopping:
+            self._record_session(f"session ended: {reason}")
+
+    def _after_close(self, link: WsLink) -> None:
+        """Log why the link closed and raise for closes that need more than a plain retry."""
         code, reason = link.close_code, link.close_reason
         if not self._stopping:
             logger.warning("tunnel to %s closed (code %s): %s", self.relay_url, code, reason or "connection lost")
@@ -291,6 +395,9 @@ class Agent:
                 f"another agent connected as device {self.device!r} and replaced this one; "
                 "give each computer its own device name (--device)"
             )
+
+    def _record_session(self, detail: str) -> None:
+        self._record(TrafficRecord(now(), Kind.SESSION, 0, "", detail=detail))
 
     def _on_auth(self, event: s.AuthReceived | s.AuthAccepted) -> None:
         waiter = self._auth_waiter
@@ -337,11 +444,11 @@ class Agent:
             self.token_renewals += 1
             logger.debug("access token renewed; valid for %d s", expires_in)
 
-    async def _open_link(self) -> tuple[WsLink, Tokens]:
+    async def _open_link(self, extra_headers: Mapping[str, str]) -> tuple[WsLink, Tokens]:
         url = self.relay_url + AGENT_PATH
         for attempt in range(2):
             tokens = await self.tokens.access_token()
-            headers = {"Authorization": f"Bearer {tokens.access_token}", "Deskbridge-Device": self.device}
+            headers = {"Authorization": f"Bearer {tokens.access_token}", "Deskbridge-Device": self.device, **extra_headers}
             try:
                 link = await connect(
                     url,

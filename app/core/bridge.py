@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 
 from .errors import describe_os_error
 from .frames import MAX_DATA_PAYLOAD, ErrorCode
@@ -26,6 +28,8 @@ from .tunnel import Tunnel
 logger = logging.getLogger(__name__)
 
 WRITE_HIGH_WATER = 256 * 1024
+# How often a socket whose reading is paused is checked for a reset.
+PAUSED_SOCKET_CHECK_S = 1.0
 WRITE_LOW_WATER = 64 * 1024
 
 
@@ -103,6 +107,24 @@ class SocketBridge(asyncio.BufferedProtocol):
         if credit <= 0 and self.transport is not None and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
+            self._watch_paused_socket()
+
+    def _watch_paused_socket(self) -> None:
+        """Check a paused socket for a pending error, such as a reset by its peer.
+
+        asyncio stops polling a socket whose reading is paused, so a peer that
+        resets the connection while the stream waits for credit would go
+        unnoticed until the credit came back, which may be never.
+        """
+        if not self._reading_paused or self.transport is None or self.transport.is_closing():
+            return
+        sock = self.transport.get_extra_info("socket")
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if sock is not None else 0
+        if error:
+            self.transport.abort()
+            self.connection_lost(OSError(error, os.strerror(error)))
+            return
+        asyncio.get_running_loop().call_later(PAUSED_SOCKET_CHECK_S, self._watch_paused_socket)
 
     def eof_received(self) -> bool:
         self._socket_eof = True

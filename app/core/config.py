@@ -106,12 +106,19 @@ class AgentConfig:
     account: str = ""
     device: str = field(default_factory=default_device_name)
     targets: dict[str, Target] = field(default_factory=dict)
+    # Heartbeat and resumption, in seconds.
+    ping_interval: float = 15.0
+    ping_timeout: float = 10.0
+    grace: float = 120.0
 
     def to_json(self) -> dict[str, Any]:
         return {
             "relay_url": self.relay_url,
             "account": self.account,
             "device": self.device,
+            "ping_interval": self.ping_interval,
+            "ping_timeout": self.ping_timeout,
+            "grace": self.grace,
             "targets": [{"name": t.name, "host": t.host, "port": t.port} for t in self.targets.values()],
         }
 
@@ -123,6 +130,15 @@ class AgentConfig:
         config.relay_url = str(data.get("relay_url", ""))
         config.account = str(data.get("account", ""))
         config.device = str(data.get("device") or default_device_name())
+        for name in ("ping_interval", "ping_timeout", "grace"):
+            if name in data:
+                try:
+                    value = float(data[name])
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{source}: '{name}' must be a number of seconds") from None
+                if value <= 0 and name != "grace" or value < 0:
+                    raise ConfigError(f"{source}: '{name}' must be positive")
+                setattr(config, name, value)
         raw_targets = data.get("targets", [])
         if not isinstance(raw_targets, list):
             raise ConfigError(f"{source}: 'targets' must be a list")

@@ -42,6 +42,7 @@ MAX_WINDOW = 2**31 - 1
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
+_U64 = struct.Struct("!Q")
 _HELLO = struct.Struct("!HI")
 
 
@@ -56,6 +57,7 @@ class FrameType(enum.IntEnum):
     RESET = 0x08
     AUTH = 0x09
     AUTH_OK = 0x0A
+    ACK = 0x0B
 
 
 class ErrorCode(enum.IntEnum):
@@ -145,6 +147,17 @@ def parse_auth_ok(payload: bytes | memoryview) -> int:
         raise FrameError(f"AUTH_OK payload must be 4 bytes, got {len(payload)}")
     (expires_in,) = _U32.unpack_from(payload)
     return int(expires_in)
+
+
+def encode_ack(count: int) -> bytes:
+    return encode(FrameType.ACK, 0, _U64.pack(count))
+
+
+def parse_ack(payload: bytes | memoryview) -> int:
+    if len(payload) != _U64.size:
+        raise FrameError(f"ACK payload must be 8 bytes, got {len(payload)}")
+    (count,) = _U64.unpack_from(payload)
+    return int(count)
 
 
 def encode_window(stream_id: int, increment: int) -> bytes:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -51,6 +52,26 @@ from .frames import CloseCode, ErrorCode, FrameError, FrameType
 logger = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 512 * 1024
+
+
+# Frames that count towards the resumption sequence: everything about streams.
+# HELLO, AUTH, AUTH_OK and ACK belong to one WebSocket connection and are
+# never resent.
+NUMBERED = frozenset(
+    {
+        FrameType.OPEN,
+        FrameType.OPENED,
+        FrameType.OPEN_FAILED,
+        FrameType.DATA,
+        FrameType.WINDOW,
+        FrameType.FIN,
+        FrameType.RESET,
+    }
+)
+
+# Acknowledge at least after this many numbered messages; the owner also
+# calls ``send_ack`` when input goes quiet.
+ACK_EVERY = 32
 
 
 class Role(enum.Enum):
@@ -213,6 +234,14 @@ class Session:
         self._grant_threshold = max(1, window // 4)
         self._out: list[bytes] = [frames.encode_hello(frames.PROTOCOL_VERSION, window, info or {})]
 
+        # Resumption: numbered messages sent and received, and the sent ones
+        # the peer has not acknowledged yet, oldest first.
+        self.sent_count = 0
+        self.received_count = 0
+        self._acked_received = 0
+        self._log: deque[bytes] = deque()
+        self._log_base = 0
+
     def __repr__(self) -> str:
         return f"<Session {self.role.value} {self.state.name} streams={len(self._streams)}>"
 
@@ -255,7 +284,14 @@ class Session:
         events: list[Event] = []
         try:
             frame = frames.decode(message)
+            if frame.type in NUMBERED:
+                self.received_count += 1
+            elif frame.type is FrameType.ACK:
+                self._on_ack(frame)
+                return events
             self._handle(frame, events)
+            if self.received_count - self._acked_received >= ACK_EVERY:
+                self.send_ack()
         except (FrameError, _PeerError) as exc:
             code = getattr(exc, "close_code", CloseCode.PROTOCOL_ERROR)
             events.append(self._fail(code, str(exc)))
@@ -423,6 +459,75 @@ class Session:
                 raise _PeerError("AUTH_OK is sent by the relay only")
             events.append(AuthAccepted(frames.parse_auth_ok(frame.payload)))
 
+    def _on_ack(self, frame: frames.Frame) -> None:
+        if self.state is SessionState.AWAITING_HELLO:
+            raise _PeerError("expected HELLO first, got ACK")
+        if frame.stream_id != 0:
+            raise _PeerError("ACK must use stream id 0")
+        count = frames.parse_ack(frame.payload)
+        if count > self.sent_count:
+            raise _PeerError(f"ACK of {count} messages, but only {self.sent_count} were sent")
+        self._trim_log(count)
+
+    # Resumption --------------------------------------------------------------
+
+    @property
+    def unacked_messages(self) -> int:
+        return len(self._log)
+
+    @property
+    def ack_pending(self) -> bool:
+        return self.received_count > self._acked_received
+
+    def send_ack(self) -> None:
+        """Queue an ACK of every numbered message received so far, if any is new."""
+        if self.received_count > self._acked_received and self.state is SessionState.OPEN:
+            self._acked_received = self.received_count
+            self._out.append(frames.encode_ack(self.received_count))
+
+    def can_resume_from(self, peer_received: int) -> bool:
+        """Tell whether the log still holds everything after ``peer_received``."""
+        return self._log_base <= peer_received <= self.sent_count
+
+    def detach(self) -> None:
+        """Drop what was queued for a connection that is gone; the resend log stays."""
+        self._out.clear()
+
+    def resume(self, peer_received: int) -> int:
+        """Queue every numbered message the peer has not received; return the DATA bytes resent.
+
+        ``peer_received`` is the count of numbered messages the peer reported
+        in the reconnect handshake. Raises LocalProtocolError if it cannot be
+        served from the log, in which case the session cannot be resumed.
+        """
+        if not self._log_base <= peer_received <= self.sent_count:
+            raise LocalProtocolError(
+                f"the peer received {peer_received} messages, but this side can resend only from "
+                f"{self._log_base} to {self.sent_count}"
+            )
+        self._trim_log(peer_received)
+        self._out.clear()
+        resent = 0
+        for message in self._log:
+            if message[0] == FrameType.DATA:
+                resent += len(message) - frames.HEADER_SIZE
+            self._out.append(message)
+        # Our own acknowledgements may have been lost with the old connection.
+        self._acked_received = 0
+        self.send_ack()
+        return resent
+
+    def _send(self, message: bytes) -> None:
+        self._out.append(message)
+        self._log.append(message)
+        self.sent_count += 1
+
+    def _trim_log(self, count: int) -> None:
+        log = self._log
+        while self._log_base < count:
+            log.popleft()
+            self._log_base += 1
+
     # Commands ----------------------------------------------------------------
 
     def send_auth(self, token: str) -> None:
@@ -462,7 +567,7 @@ class Session:
             send_credit=self.peer_window,
             receive_remaining=self.window,
         )
-        self._out.append(frames.encode(FrameType.OPEN, sid, encoded))
+        self._send(frames.encode(FrameType.OPEN, sid, encoded))
         return sid
 
     def accept_stream(self, stream_id: int) -> None:
@@ -470,14 +575,14 @@ class Session:
         if stream.opened_locally or stream.accepted:
             raise LocalProtocolError(f"stream {stream_id} is not waiting to be accepted")
         stream.accepted = True
-        self._out.append(frames.encode(FrameType.OPENED, stream_id))
+        self._send(frames.encode(FrameType.OPENED, stream_id))
 
     def reject_stream(self, stream_id: int, code: int, reason: str) -> None:
         stream = self._require_stream(stream_id)
         if stream.opened_locally or stream.accepted:
             raise LocalProtocolError(f"stream {stream_id} is not waiting to be accepted")
         del self._streams[stream_id]
-        self._out.append(frames.encode_code_reason(FrameType.OPEN_FAILED, stream_id, code, reason))
+        self._send(frames.encode_code_reason(FrameType.OPEN_FAILED, stream_id, code, reason))
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
         """Queue ``data`` on a stream and return the credit left afterwards.
@@ -497,10 +602,10 @@ class Session:
         size = len(view)
         sendable = min(size, max(0, stream.send_credit))
         offset = 0
-        out = self._out
+        send = self._send
         while offset < sendable:
             end = min(offset + frames.MAX_DATA_PAYLOAD, sendable)
-            out.append(frames.encode(FrameType.DATA, stream_id, view[offset:end]))
+            send(frames.encode(FrameType.DATA, stream_id, view[offset:end]))
             offset = end
         stream.send_credit -= sendable
         self.bytes_sent += sendable
@@ -526,7 +631,7 @@ class Session:
             return
         del self._streams[stream_id]
         if self.state is SessionState.OPEN:
-            self._out.append(frames.encode_code_reason(FrameType.RESET, stream_id, code, reason))
+            self._send(frames.encode_code_reason(FrameType.RESET, stream_id, code, reason))
 
     def consume(self, stream_id: int, size: int) -> None:
         """Report that ``size`` received bytes were handed on, granting credit back."""
@@ -539,7 +644,10 @@ class Session:
         if stream.ungranted >= self._grant_threshold or stream.receive_remaining == 0:
             increment, stream.ungranted = stream.ungranted, 0
             stream.receive_remaining += increment
-            self._out.append(frames.encode_window(stream_id, increment))
+            # Acknowledge first, so the peer trims its resend log before it
+            # spends the new credit; that keeps the log within one window.
+            self.send_ack()
+            self._send(frames.encode_window(stream_id, increment))
 
     def fail(self, close_code: int, reason: str) -> SessionFailed:
         """End the session from this side, for example when shutting down."""
@@ -574,7 +682,7 @@ class Session:
             offset = 0
             while offset < sendable:
                 end = min(offset + frames.MAX_DATA_PAYLOAD, sendable)
-                self._out.append(frames.encode(FrameType.DATA, stream.id, view[offset:end]))
+                self._send(frames.encode(FrameType.DATA, stream.id, view[offset:end]))
                 offset = end
             view.release()
             del backlog[:sendable]
@@ -582,7 +690,7 @@ class Session:
             self.bytes_sent += sendable
         if stream.fin_queued and not stream.fin_sent and not backlog:
             stream.fin_sent = True
-            self._out.append(frames.encode(FrameType.FIN, stream.id))
+            self._send(frames.encode(FrameType.FIN, stream.id))
 
     def _maybe_closed(self, stream: _Stream, events: list[Event]) -> None:
         if stream.fin_sent and stream.fin_received and stream.id in self._streams:

@@ -8,6 +8,7 @@ connects to (a desktop socket, a cloud socket, a WebSocket, an HTTP request).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -40,8 +41,26 @@ class StreamHandler(Protocol):
 OpenRequestHandler = Callable[["Tunnel", int, str], None]
 
 
+# How long received messages may wait for an acknowledgement when input goes
+# quiet; busy sessions acknowledge every few messages anyway.
+ACK_DELAY_S = 0.1
+
+# The close code of a connection that ended without a closing handshake:
+# the network failed or a heartbeat gave up. Only these sessions are kept for
+# resumption; a deliberate close (shutdown, replacement, protocol error, sign-out)
+# ends the session.
+CONNECTION_LOST = 1006
+
+
 class Tunnel:
-    """One tunnel session over one WebSocket connection."""
+    """One tunnel session over a WebSocket connection, resumable on a new one.
+
+    With a ``grace`` period above 0, a connection that is lost without a
+    closing handshake only detaches the tunnel: streams and their sockets stay
+    open, new frames wait in the session's resend log, and ``resume_on`` picks
+    up on a new connection. If no new connection comes within the grace
+    period, every stream is reset.
+    """
 
     def __init__(
         self,
@@ -52,6 +71,8 @@ class Tunnel:
         on_hello: Callable[[s.HelloReceived], None] | None = None,
         on_end: Callable[[int, str], None] | None = None,
         on_auth: Callable[[s.AuthReceived | s.AuthAccepted], None] | None = None,
+        on_detach: Callable[[int, str], None] | None = None,
+        grace: float = 0.0,
         label: str = "tunnel",
     ) -> None:
         self.session = session
@@ -64,7 +85,17 @@ class Tunnel:
         self._on_hello = on_hello
         self._on_end = on_end
         self._on_auth = on_auth
-        link.on_close = self._on_link_closed
+        self._on_detach = on_detach
+        self.grace = grace
+        self.detached = False
+        self.resumes = 0
+        self.bytes_resent = 0
+        self._grace_timer: asyncio.TimerHandle | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._hook(link)
+
+    def _hook(self, link: WsLink) -> None:
+        link.on_close = lambda code, reason: self._on_link_closed(link, code, reason)
         link.set_message_handler(self._on_message)
 
     def __repr__(self) -> str:
@@ -76,8 +107,62 @@ class Tunnel:
 
     def flush(self) -> None:
         out = self.session.data_to_send()
-        if out:
+        if out and not self.detached:
             self.link.send_many(out)
+
+    # Resumption --------------------------------------------------------------
+
+    def resume_on(self, link: WsLink, peer_received: int) -> int:
+        """Continue the session on a new connection; return the stream bytes resent.
+
+        Raises LocalProtocolError when the peer's count cannot be served from
+        the resend log; the session must then be ended.
+        """
+        old = self.link
+        if old is not link and not old.closed.done():
+            # The old connection may still look open here (a half-open TCP
+            # connection); it must not detach or end anything when it closes.
+            old.on_close = _ignore_close
+            old.drop("replaced by a resumed connection")
+        resent = self.session.resume(peer_received)
+        self.link = link
+        self.detached = False
+        self.resumes += 1
+        self.bytes_resent += resent
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+        # Resend before handling messages that already arrived on the new
+        # link, because handling them may queue new frames behind the resent ones.
+        self.flush()
+        self._hook(link)
+        return resent
+
+    def _detach(self, code: int, reason: str) -> None:
+        self.detached = True
+        self.session.detach()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        loop = asyncio.get_running_loop()
+        self._grace_timer = loop.call_later(self.grace, self._grace_expired)
+        logger.info("%s: connection lost (%s); keeping %d streams open for %g s", self.label, reason, len(self.handlers), self.grace)
+        if self._on_detach is not None:
+            self._on_detach(code, reason)
+
+    def abandon(self, reason: str) -> None:
+        """End a detached session for good, resetting its streams with ``reason``."""
+        self._end(CONNECTION_LOST, reason)
+
+    def _grace_expired(self) -> None:
+        self._grace_timer = None
+        self._end(CONNECTION_LOST, f"the tunnel was down for longer than the grace period of {self.grace:g} s")
+
+    def _send_ack(self) -> None:
+        self._ack_timer = None
+        if not self.ended and not self.detached:
+            self.session.send_ack()
+            self.flush()
 
     # Commands ----------------------------------------------------------------
 
@@ -137,6 +222,8 @@ class Tunnel:
         events = self.session.receive(message)
         self._dispatch(events)
         self.flush()
+        if self.session.ack_pending and self._ack_timer is None and not self.ended:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY_S, self._send_ack)
 
     def _dispatch(self, events: list[s.Event]) -> None:
         handlers = self.handlers
@@ -187,13 +274,21 @@ class Tunnel:
                 self.link.close(event.close_code, event.reason)
                 self._end(event.close_code, event.reason)
 
-    def _on_link_closed(self, code: int, reason: str) -> None:
+    def _on_link_closed(self, link: WsLink, code: int, reason: str) -> None:
+        if self.ended or link is not self.link:
+            return
+        if self.grace > 0 and code == CONNECTION_LOST and self.session.state is s.SessionState.OPEN:
+            self._detach(code, reason or "connection lost")
+            return
         self._end(code, reason or "connection lost")
 
     def _end(self, code: int, reason: str) -> None:
         if self.ended:
             return
         self.ended = True
+        for timer in (self._grace_timer, self._ack_timer):
+            if timer is not None:
+                timer.cancel()
         stream_reason = f"tunnel connection ended: {reason}" if reason else "tunnel connection ended"
         self.session.abort_streams(ErrorCode.SESSION_CLOSED, stream_reason)
         handlers, self.handlers = self.handlers, {}
@@ -204,3 +299,7 @@ class Tunnel:
                 logger.exception("%s: stream handler failed while the tunnel ended", self.label)
         if self._on_end is not None:
             self._on_end(code, reason)
+
+
+def _ignore_close(code: int, reason: str) -> None:
+    pass

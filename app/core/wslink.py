@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import ssl
 from collections.abc import Callable, Iterable
 
@@ -70,6 +71,8 @@ class WsLink(asyncio.Protocol):
         self._close_timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self._pings: dict[bytes, asyncio.Future[None]] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
 
     # asyncio.Protocol ------------------------------------------------------
 
@@ -90,6 +93,13 @@ class WsLink(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._close_timer is not None:
             self._close_timer.cancel()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for waiter in self._pings.values():
+            if not waiter.done():
+                waiter.set_exception(ConnectionError("connection closed"))
+                # Mark it retrieved in case no check is waiting on it any more.
+                waiter.exception()
         if self.protocol.state is not State.CLOSED:
             self.protocol.state = State.CLOSED
         sent, received = self.protocol.close_sent, self.protocol.close_rcvd
@@ -174,6 +184,50 @@ class WsLink(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing() and not self.transport.is_reading():
             self.transport.resume_reading()
 
+    # Liveness ----------------------------------------------------------------
+
+    def start_heartbeat(self, interval: float, timeout: float) -> None:
+        """Ping every ``interval`` seconds and drop the connection if a pong takes over ``timeout``.
+
+        A link that died without a FIN or RST (a sleeping laptop, a middlebox
+        that forgot the connection) is then detected in at most
+        ``interval + timeout`` seconds.
+        """
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.ensure_future(self._beat(interval, timeout))
+
+    async def _beat(self, interval: float, timeout: float) -> None:
+        while self.is_open:
+            await asyncio.sleep(interval)
+            if not self.is_open:
+                return
+            if not await self.check_alive(timeout):
+                self.drop(f"no answer to a heartbeat ping within {timeout:g} s")
+                return
+
+    async def check_alive(self, timeout: float) -> bool:
+        """Send a ping and tell whether its pong came back within ``timeout`` seconds."""
+        if not self.is_open:
+            return False
+        payload = os.urandom(8)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pings[payload] = waiter
+        self.ping(payload)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            return True
+        except (asyncio.TimeoutError, ConnectionError):
+            return False
+        finally:
+            self._pings.pop(payload, None)
+
+    def drop(self, reason: str) -> None:
+        """Abort a connection that is considered dead; it closes with code 1006."""
+        logger.warning("dropping the WebSocket connection: %s", reason)
+        if self.close_code is None:
+            self.close_code, self.close_reason = 1006, reason
+        self.abort()
+
     async def drain(self) -> None:
         """Wait until the transport's write buffer is below its high-water mark."""
         if not self._paused or self.transport is None or self.transport.is_closing():
@@ -256,6 +310,10 @@ class WsLink(asyncio.Protocol):
                 self.on_message(message)
         elif opcode is Opcode.TEXT:
             self._fail(CloseCode.UNSUPPORTED_DATA, "text messages are not supported; send binary")
+        elif opcode is Opcode.PONG:
+            waiter = self._pings.get(bytes(frame.data))
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         elif opcode is Opcode.CLOSE:
             if self.close_code is None:
                 close = self.protocol.close_rcvd
