@@ -20,7 +20,7 @@ from .core.agent import Agent
 from .core.auth import CodeRequired, RelayTokens, Tokens, login, logout
 from .core.config import AgentConfig, Target, load_config, save_config, validate_relay_url
 from .core.credentials import CredentialStore, KeyringStore, MemoryStore
-from .core.errors import ConfigError, CredentialError, HandshakeError, SignInError
+from .core.errors import ConfigError, CredentialError, DeskbridgeError, HandshakeError, SignInError, describe_os_error
 from .core.logs import configure_logging
 from .core.paths import app_dirs
 from .core.traffic import LoggingSink
@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--relay", help="relay URL (saved in the config file)")
     run_cmd.add_argument("--username", help="account name (saved in the config file)")
     run_cmd.add_argument("--device", help="this device's name at the relay (default: the host name)")
+    run_cmd.add_argument(
+        "--allow-remote-target",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="let target NAME be on another computer (targets must be on this computer otherwise; saved)",
+    )
     run_cmd.add_argument("--ping-interval", type=float, metavar="SECONDS", help="heartbeat ping interval (default 15; saved in the config file)")
     run_cmd.add_argument("--ping-timeout", type=float, metavar="SECONDS", help="time a heartbeat pong may take before the link counts as lost (default 10; saved)")
     run_cmd.add_argument("--grace", type=float, metavar="SECONDS", help="how long open streams wait for a lost relay connection to come back (default 120; saved)")
@@ -102,7 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deskbridge: {exc}; try again later", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"deskbridge: cannot reach the relay: {exc.strerror or exc}", file=sys.stderr)
+        print(f"deskbridge: cannot reach the relay: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
+    except DeskbridgeError as exc:
+        print(f"deskbridge: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -144,7 +154,8 @@ async def _login(args: argparse.Namespace) -> int:
     try:
         tokens = await _sign_in(args, relay, args.username)
     except (OSError, HandshakeError) as exc:
-        print(f"deskbridge: cannot sign in at {relay}: {exc}", file=sys.stderr)
+        reason = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+        print(f"deskbridge: cannot sign in at {relay}: {reason}", file=sys.stderr)
         return 1
     assert tokens.refresh_token is not None
     await store.set(relay, tokens.account, tokens.refresh_token)
@@ -200,6 +211,18 @@ def _merge_run_options(args: argparse.Namespace, config: AgentConfig) -> bool:
             target = Target.parse(spec)
             config.targets[target.name] = target
         changed = True
+    for name in args.allow_remote_target:
+        target = config.targets.get(name)
+        if target is None:
+            raise ConfigError(f"--allow-remote-target names {name!r}, which is not a target; add it with --target {name}=HOST:PORT")
+        config.targets[name] = Target.create(target.name, target.host, target.port, allow_remote=True)
+        changed = True
+    for target in config.targets.values():
+        if not target.allow_remote and not target.is_loopback_host:
+            raise ConfigError(
+                f"target {target.name!r} points to {target.host}, which is not this computer; "
+                f"if the cloud may reach it, confirm with --allow-remote-target {target.name}"
+            )
     return changed
 
 

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ping-interval", type=float, default=PING_INTERVAL_S, metavar="SECONDS", help=f"heartbeat ping interval on agent connections (default {PING_INTERVAL_S:g})")
     parser.add_argument("--ping-timeout", type=float, default=PING_TIMEOUT_S, metavar="SECONDS", help=f"time a heartbeat pong may take before the connection counts as lost (default {PING_TIMEOUT_S:g})")
     parser.add_argument("--grace", type=float, default=GRACE_S, metavar="SECONDS", help=f"how long a lost agent's streams and cloud sockets wait for it to resume (default {GRACE_S:g})")
+    parser.add_argument("--tls-cert", type=Path, metavar="FILE", help="PEM certificate chain; with --tls-key, serve wss:// and https://")
+    parser.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log detail (default INFO)")
     return parser
 
@@ -110,6 +112,8 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout,
         grace=args.grace,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
 
 

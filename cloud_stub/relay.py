@@ -20,6 +20,7 @@ import json
 import logging
 import re
 import secrets
+import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -109,6 +110,8 @@ class RelayConfig:
     ping_interval: float = PING_INTERVAL_S
     ping_timeout: float = PING_TIMEOUT_S
     grace: float = GRACE_S
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def __repr__(self) -> str:
         return f"<RelayConfig {self.host}:{self.port} accounts={self.accounts.names} exposures={len(self.exposures)}>"
@@ -272,13 +275,14 @@ class Relay:
         host = self.config.host
         if ":" in host:
             host = f"[{host}]"
-        return f"ws://{host}:{self.port}"
+        scheme = "wss" if self.config.tls_cert else "ws"
+        return f"{scheme}://{host}:{self.port}"
 
     # Lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(self._make_front, self.config.host, self.config.port)
+        server = await loop.create_server(self._make_front, self.config.host, self.config.port, ssl=self._tls_context())
         self._servers.append(server)
         self.port = server.sockets[0].getsockname()[1]
         logger.info("relay listening on %s (HTTP and WebSocket)", self.url)
@@ -292,6 +296,19 @@ class Relay:
             port = listener.sockets[0].getsockname()[1]
             self.expose_ports[exposure.name] = port
             logger.info("exposing %s on TCP %s:%d", exposure.name, exposure.host, port)
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        cert, key = self.config.tls_cert, self.config.tls_key
+        if cert is None and key is None:
+            return None
+        if cert is None or key is None:
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the TLS certificate {cert} and key {key}: {exc}") from None
+        return context
 
     async def stop(self) -> None:
         """Stop listening, close every agent session, then cancel leftovers."""

@@ -8,6 +8,8 @@ its token in a real keyring.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import signal
 import socket
 import stat
@@ -213,7 +215,7 @@ def test_run_saves_targets_to_config(spawn, env, signed_in, thread_echo_port, de
 
     config = json.loads((deskbridge_home / "config" / "config.json").read_text(encoding="utf-8"))
 
-    assert config["targets"] == [{"name": "echo", "host": "127.0.0.1", "port": thread_echo_port}]
+    assert config["targets"] == [{"name": "echo", "host": "127.0.0.1", "port": thread_echo_port, "allow_remote": False}]
 
 
 def test_run_without_login_logs_hint(spawn, env, relay, thread_echo_port):
@@ -278,3 +280,29 @@ def test_relay_invalid_expose_exits_2(spawn, env):
 
     assert relay.wait() == 2, relay.output()
     assert "ACCOUNT/TARGET=PORT" in relay.stderr.text
+
+
+def test_remote_target_needs_consent(tmp_path, deskbridge_home):
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "run", "--headless", "--relay", "ws://127.0.0.1:1", "--username", "alice",
+         "--target", "files=192.0.2.10:445"],
+        env={**os.environ, "DESKBRIDGE_HOME": str(deskbridge_home)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--allow-remote-target files" in result.stderr
+
+
+async def test_agent_skips_remote_address(echo_port):
+    from app.core.agent import TargetUnreachable, connect_target
+    from app.core.bridge import SocketBridge
+    from app.core.config import Target
+    from app.core.traffic import Direction
+
+    bridge = SocketBridge(target="remote", inbound=Direction.TO_DESKTOP)
+    # A host name whose address is not loopback must not be reached without consent.
+    target = Target("remote", "192.0.2.10", echo_port)
+    with pytest.raises(TargetUnreachable, match="remote targets are not allowed"):
+        await connect_target(bridge, target, timeout=1)

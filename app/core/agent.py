@@ -27,9 +27,10 @@ from . import session as s
 from .auth import Tokens
 from .backoff import Backoff
 from .bridge import SocketBridge
-from .config import Target
+from .config import Target, is_loopback_host
 from .errors import HandshakeError, LocalProtocolError, SignInError, describe_os_error, is_retryable
 from .frames import CloseCode, ErrorCode
+from .net import Connector, ProxyFailure, TlsFailure
 from .traffic import Direction, Kind, TrafficRecord, TrafficSink, now
 from .tunnel import Tunnel
 from .wslink import WsLink, connect
@@ -117,6 +118,11 @@ async def connect_target(bridge: SocketBridge, target: Target, timeout: float = 
         if (family, host) in seen:
             continue
         seen.add((family, host))
+        if not target.allow_remote and not is_loopback_host(host):
+            # The name may resolve elsewhere than this computer; only the
+            # person's explicit consent in the settings allows that.
+            failures.append(f"{host}: not on this computer, and remote targets are not allowed for {target.name!r}")
+            continue
         try:
             await asyncio.wait_for(
                 loop.create_connection(lambda: bridge, host, target.port, family=family), timeout
@@ -157,7 +163,7 @@ class Agent:
         on_status: Callable[[AgentStatus], None] | None = None,
         backoff: Backoff | None = None,
         window: int = s.DEFAULT_WINDOW,
-        ssl_context: ssl.SSLContext | None = None,
+        connector: Connector | None = None,
         connect_timeout: float = CONNECT_TIMEOUT_S,
         ping_interval: float = PING_INTERVAL_S,
         ping_timeout: float = PING_TIMEOUT_S,
@@ -175,7 +181,7 @@ class Agent:
         self.sessions_started = 0
         self.token_renewals = 0
         self._on_status = on_status
-        self._ssl = ssl_context
+        self.connector = connector or Connector()
         self._connect_timeout = connect_timeout
         self._stopping = False
         self._wake = asyncio.Event()
@@ -455,7 +461,7 @@ class Agent:
                     headers,
                     timeout=self._connect_timeout,
                     max_message_size=frames.MAX_MESSAGE_SIZE * 4,
-                    ssl_context=self._ssl,
+                    connector=self.connector,
                 )
                 return link, tokens
             except HandshakeError as exc:
@@ -520,6 +526,8 @@ class Agent:
     def _log_failure(self, exc: Exception) -> None:
         if isinstance(exc, HandshakeError):
             logger.warning("relay %s rejected the connection: HTTP %d: %s", self.relay_url, exc.status, exc.message)
+        elif isinstance(exc, (TlsFailure, ProxyFailure)):
+            logger.error("cannot connect to relay %s: %s", self.relay_url, exc)
         elif isinstance(exc, ssl.SSLError):
             logger.warning("TLS with relay %s failed: %s", self.relay_url, exc)
         elif isinstance(exc, OSError):

@@ -1,8 +1,7 @@
 """Sign-in calls to the relay's REST API, and the agent's access tokens.
 
-The HTTP calls use urllib in a worker thread: they are rare (sign-in and one
-refresh per access-token lifetime), so a dedicated HTTP client library would
-add weight without benefit.
+The calls go through ``net.Connector``, so they take the same proxy and TLS
+path as the agent's WebSocket.
 """
 
 from __future__ import annotations
@@ -10,15 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .credentials import CredentialStore
+from .http_client import request_json
+from .net import Connector
 from .errors import DeskbridgeError, HandshakeError, SignInError
 
 logger = logging.getLogger(__name__)
@@ -46,28 +44,8 @@ def http_base(relay_url: str) -> str:
     return urlunsplit((scheme, parts.netloc, "", "", ""))
 
 
-def _post_json(url: str, payload: dict[str, Any], ssl_context: ssl.SSLContext | None) -> tuple[int, dict[str, Any]]:
-    data = json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S, context=ssl_context) as response:
-            return response.status, _parse_json(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, _parse_json(exc.read())
-    except urllib.error.URLError as exc:
-        # Re-raise the socket error that urllib wrapped, so callers see
-        # ConnectionRefusedError and friends and describe_os_error words them.
-        if isinstance(exc.reason, OSError):
-            raise exc.reason from None
-        raise
-
-
-def _parse_json(body: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
+async def _post_json(url: str, payload: dict[str, Any], connector: Connector | None) -> tuple[int, dict[str, Any]]:
+    return await request_json(connector or Connector(), "POST", url, payload, timeout=HTTP_TIMEOUT_S)
 
 
 def _tokens_from(body: dict[str, Any], fallback_refresh: str | None = None) -> Tokens:
@@ -104,32 +82,32 @@ async def login(
     username: str,
     password: str,
     code: str | None = None,
-    ssl_context: ssl.SSLContext | None = None,
+    connector: Connector | None = None,
 ) -> Tokens:
     """Sign in with a password (and a one-time code if the account needs one)."""
     url = http_base(relay_url) + "/v1/auth/login"
     payload = {"username": username, "password": password}
     if code:
         payload["code"] = code
-    status, body = await asyncio.to_thread(_post_json, url, payload, ssl_context)
+    status, body = await _post_json(url, payload, connector)
     if status != 200:
         _raise_for(status, body, "sign-in failed")
     return _tokens_from(body)
 
 
-async def refresh(relay_url: str, refresh_token: str, ssl_context: ssl.SSLContext | None = None) -> Tokens:
+async def refresh(relay_url: str, refresh_token: str, connector: Connector | None = None) -> Tokens:
     """Exchange a refresh token for new tokens; the old refresh token is used up."""
     url = http_base(relay_url) + "/v1/auth/refresh"
-    status, body = await asyncio.to_thread(_post_json, url, {"refresh_token": refresh_token}, ssl_context)
+    status, body = await _post_json(url, {"refresh_token": refresh_token}, connector)
     if status != 200:
         _raise_for(status, body, "the relay rejected the saved sign-in")
     return _tokens_from(body, refresh_token)
 
 
-async def logout(relay_url: str, refresh_token: str, ssl_context: ssl.SSLContext | None = None) -> None:
+async def logout(relay_url: str, refresh_token: str, connector: Connector | None = None) -> None:
     """Revoke a sign-in on the relay."""
     url = http_base(relay_url) + "/v1/auth/logout"
-    status, body = await asyncio.to_thread(_post_json, url, {"refresh_token": refresh_token}, ssl_context)
+    status, body = await _post_json(url, {"refresh_token": refresh_token}, connector)
     if status != 200:
         _raise_for(status, body, "sign-out failed")
 
@@ -147,12 +125,12 @@ class RelayTokens:
         relay_url: str,
         account: str,
         store: CredentialStore,
-        ssl_context: ssl.SSLContext | None = None,
+        connector: Connector | None = None,
     ) -> None:
         self.relay_url = relay_url
         self.account = account
         self._store = store
-        self._ssl = ssl_context
+        self._connector = connector
         self._current: Tokens | None = None
         self._lock = asyncio.Lock()
 
@@ -178,7 +156,7 @@ class RelayTokens:
                     f"not signed in to {self.relay_url} as {self.account!r}; "
                     f"run: deskbridge login --relay {self.relay_url} --username {self.account}"
                 )
-            tokens = await refresh(self.relay_url, saved, self._ssl)
+            tokens = await refresh(self.relay_url, saved, self._connector)
             if tokens.refresh_token and tokens.refresh_token != saved:
                 await self._store.set(self.relay_url, self.account, tokens.refresh_token)
             self._current = tokens

@@ -7,6 +7,7 @@ allowlist of targets; it never holds a password or token.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -25,9 +26,20 @@ TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 @dataclass(frozen=True, slots=True)
 class Target:
+    """An allowlisted desktop application: the cloud names it, only this side knows the address.
+
+    Targets are on this computer (loopback) unless ``allow_remote`` records
+    the person's explicit consent to reach another host.
+    """
+
     name: str
     host: str
     port: int
+    allow_remote: bool = False
+
+    @property
+    def is_loopback_host(self) -> bool:
+        return is_loopback_host(self.host)
 
     @property
     def address(self) -> str:
@@ -44,7 +56,7 @@ class Target:
         return cls.create(name.strip(), host, port)
 
     @classmethod
-    def create(cls, name: str, host: str, port: int) -> "Target":
+    def create(cls, name: str, host: str, port: int, allow_remote: bool = False) -> "Target":
         if not TARGET_NAME.match(name):
             raise ConfigError(
                 f"invalid target name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -53,7 +65,18 @@ class Target:
             raise ConfigError(f"target {name!r} needs a host")
         if not 1 <= port <= 65535:
             raise ConfigError(f"target {name!r}: port {port} is outside 1 to 65535")
-        return cls(name, host, port)
+        return cls(name, host, port, allow_remote)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Tell whether ``host`` names this computer: ``localhost`` or a loopback address."""
+    name = host.strip().strip("[]").lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_host_port(address: str, what: str) -> tuple[str, int]:
@@ -119,7 +142,9 @@ class AgentConfig:
             "ping_interval": self.ping_interval,
             "ping_timeout": self.ping_timeout,
             "grace": self.grace,
-            "targets": [{"name": t.name, "host": t.host, "port": t.port} for t in self.targets.values()],
+            "targets": [
+                {"name": t.name, "host": t.host, "port": t.port, "allow_remote": t.allow_remote} for t in self.targets.values()
+            ],
         }
 
     @classmethod
@@ -144,7 +169,9 @@ class AgentConfig:
             raise ConfigError(f"{source}: 'targets' must be a list")
         for item in raw_targets:
             try:
-                target = Target.create(str(item["name"]), str(item["host"]), int(item["port"]))
+                target = Target.create(
+                    str(item["name"]), str(item["host"]), int(item["port"]), bool(item.get("allow_remote", False))
+                )
             except (KeyError, TypeError, ValueError) as exc:
                 raise ConfigError(f"{source}: invalid target entry {item!r}: {exc}") from None
             config.targets[target.name] = target

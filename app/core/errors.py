@@ -60,6 +60,10 @@ def is_retryable(exc: BaseException) -> bool:
     """
     if isinstance(exc, SignInError):
         return False
+    if type(exc).__name__ in ("TlsFailure", "ProxyFailure"):
+        # A rejected certificate or proxy login needs a settings change; the
+        # agent keeps trying, but only at its slowest pace.
+        return False
     if isinstance(exc, HandshakeError):
         return exc.status >= 500 or exc.status in (408, 429)
     if isinstance(exc, ssl.SSLCertVerificationError):

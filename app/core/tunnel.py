@@ -156,7 +156,9 @@ class Tunnel:
 
     def _grace_expired(self) -> None:
         self._grace_timer = None
-        self._end(CONNECTION_LOST, f"the tunnel was down for longer than the grace period of {self.grace:g} s")
+        reason = f"the tunnel was down for longer than the grace period of {self.grace:g} s"
+        logger.warning("%s: %s; resetting %d streams", self.label, reason, len(self.handlers))
+        self._end(CONNECTION_LOST, reason)
 
     def _send_ack(self) -> None:
         self._ack_timer = None

@@ -15,7 +15,6 @@ import asyncio
 import json
 import logging
 import os
-import ssl
 from collections.abc import Callable, Iterable
 
 from websockets.client import ClientProtocol
@@ -27,6 +26,7 @@ from websockets.uri import parse_uri
 
 from .errors import HandshakeError
 from .frames import CloseCode
+from .net import Connector
 
 logger = logging.getLogger(__name__)
 
@@ -377,28 +377,21 @@ async def connect(
     *,
     timeout: float,
     max_message_size: int,
-    ssl_context: ssl.SSLContext | None = None,
+    connector: Connector | None = None,
 ) -> WsLink:
     """Open a WebSocket to ``url`` and return the link once the handshake succeeded.
 
-    Raises HandshakeError when the server answers with an HTTP error, and
-    OSError or TimeoutError when it cannot be reached.
+    Raises HandshakeError when the server answers with an HTTP error,
+    TlsFailure or ProxyFailure for a rejected certificate or proxy, and
+    OSError or TimeoutError when the relay cannot be reached.
     """
     uri = parse_uri(url)
-    loop = asyncio.get_running_loop()
-    if uri.secure and ssl_context is None:
-        ssl_context = ssl.create_default_context()
     protocol = ClientProtocol(uri, max_size=max_message_size)
     link = WsLink(protocol, max_message_size=max_message_size)
+    connector = connector or Connector()
 
     async def open_and_handshake() -> None:
-        await loop.create_connection(
-            lambda: link,
-            uri.host,
-            uri.port,
-            ssl=ssl_context if uri.secure else None,
-            server_hostname=uri.host if uri.secure else None,
-        )
+        await connector.open(lambda: link, url, timeout)
         request = protocol.connect()
         for name, value in headers.items():
             request.headers[name] = value
