@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Opens the window; `$(BIN)/python -m app.demo --headless` runs it without one.
 demo: $(STAMP)
 	$(BIN)/python -m app.demo
 
