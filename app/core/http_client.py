@@ -19,6 +19,10 @@ from .net import Connector
 MAX_RESPONSE_BYTES = 1024 * 1024
 
 
+class NotHttpError(ConnectionError):
+    """The server's reply is not HTTP/1.1, so it is not the service that was expected."""
+
+
 async def request_json(
     connector: Connector,
     method: str,
@@ -27,7 +31,7 @@ async def request_json(
     *,
     timeout: float,
 ) -> tuple[int, dict[str, Any]]:
-    """Send one request and return the status and the JSON object of the answer ({} if none)."""
+    """Send one request and return the status and the JSON object of the response ({} if none)."""
     status, body = await asyncio.wait_for(_request(connector, method, url, payload, timeout), timeout)
     try:
         value = json.loads(body.decode("utf-8"))
@@ -74,11 +78,11 @@ async def _request(
             elif isinstance(event, h11.Data):
                 received += event.data
                 if len(received) > MAX_RESPONSE_BYTES:
-                    raise ConnectionError(f"the relay's answer exceeds {MAX_RESPONSE_BYTES} bytes")
+                    raise ConnectionError(f"the relay's response exceeds {MAX_RESPONSE_BYTES} bytes")
             elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                 break
         return status, bytes(received)
     except h11.RemoteProtocolError as exc:
-        raise ConnectionError(f"the server at {url} did not answer with valid HTTP: {exc}") from None
+        raise NotHttpError(f"the server at {url} did not respond with valid HTTP: {exc}") from None
     finally:
         writer.close()

@@ -1,7 +1,7 @@
 """Reachability checks for the setup wizard and the window: the relay and each target.
 
-``check_relay`` requests the relay's ``GET /healthz`` in a worker thread
-and words what failed: the host name did not resolve, the connection was refused
+``check_relay_async`` requests the relay's ``GET /healthz`` through the
+agent's connection path (proxy, TLS) and words what failed: the host name did not resolve, the connection was refused
 or timed out, TLS failed, or the server answered but is not a Deskbridge
 relay. ``probe_target`` opens a TCP connection to a target and closes it at
 once, to tell whether its desktop application is listening.
@@ -11,24 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import http.client
-import json
 import socket
 import ssl
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .auth import http_base
 from .config import Target, validate_relay_url
 from .errors import ConfigError, describe_os_error
+from .http_client import NotHttpError, request_json
+from .net import Connector, ProxyFailure, TlsFailure
 
 RELAY_TIMEOUT_S = 5.0
 TARGET_TIMEOUT_S = 3.0
 HEALTH_PATH = "/healthz"
-# A /healthz response larger than this is not from a Deskbridge relay.
-MAX_HEALTH_BYTES = 64 * 1024
 
 
 class Problem(enum.Enum):
@@ -51,34 +47,33 @@ class ProbeResult:
     reason: str = ""
 
 
-def check_relay(relay_url: str, timeout: float = RELAY_TIMEOUT_S, ssl_context: ssl.SSLContext | None = None) -> ProbeResult:
-    """Ask the relay's health endpoint and word the outcome; this call blocks."""
+async def check_relay_async(relay_url: str, timeout: float = RELAY_TIMEOUT_S, connector: Connector | None = None) -> ProbeResult:
+    """Request the relay's health endpoint and word the outcome.
+
+    The request takes the same proxy and TLS path as the agent, so a
+    passing check means the agent can reach the relay too.
+    """
     try:
         url = validate_relay_url(relay_url)
     except ConfigError as exc:
         return ProbeResult(False, str(exc), Problem.INVALID_URL)
     parts = urlsplit(url)
     where = parts.netloc
-    request = urllib.request.Request(http_base(url) + HEALTH_PATH, headers={"Accept": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout, context=ssl_context) as response:
-            body = response.read(MAX_HEALTH_BYTES + 1)
-    except urllib.error.HTTPError as exc:
-        exc.close()
+        status, body = await request_json(connector or Connector(), "GET", http_base(url) + HEALTH_PATH, timeout=timeout)
+    except TlsFailure as exc:
+        return ProbeResult(False, f"TLS with {where} failed: {exc}.", Problem.TLS)
+    except ProxyFailure as exc:
+        return ProbeResult(False, f"Cannot reach {where}: {exc}.", Problem.NETWORK)
+    except (OSError, EOFError) as exc:
+        return describe_failure(exc, parts.hostname or where, where, timeout)
+    if status != 200:
         return ProbeResult(
             False,
-            f"{where} answered HTTP {exc.code} for {HEALTH_PATH}, so it is not a Deskbridge relay. Check the URL.",
+            f"{where} answered HTTP {status} for {HEALTH_PATH}, so it is not a Deskbridge relay. Check the URL.",
             Problem.NOT_RELAY,
         )
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        if isinstance(reason, BaseException):
-            return describe_failure(reason, parts.hostname or where, where, timeout)
-        return ProbeResult(False, f"cannot reach {where}: {reason}", Problem.NETWORK)
-    except (OSError, http.client.HTTPException) as exc:
-        return describe_failure(exc, parts.hostname or where, where, timeout)
-
-    if not _is_relay_health(body):
+    if body.get("status") != "ok":
         return ProbeResult(
             False,
             f"{where} answered {HEALTH_PATH}, but not as a Deskbridge relay does. Check the URL.",
@@ -87,14 +82,9 @@ def check_relay(relay_url: str, timeout: float = RELAY_TIMEOUT_S, ssl_context: s
     return ProbeResult(True, f"The relay at {where} is reachable.")
 
 
-def _is_relay_health(body: bytes) -> bool:
-    if len(body) > MAX_HEALTH_BYTES:
-        return False
-    try:
-        data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("status") == "ok"
+def check_relay(relay_url: str, timeout: float = RELAY_TIMEOUT_S, connector: Connector | None = None) -> ProbeResult:
+    """Run ``check_relay_async`` on a fresh event loop; for callers without one."""
+    return asyncio.run(check_relay_async(relay_url, timeout, connector))
 
 
 def describe_failure(exc: BaseException, host: str, where: str, timeout: float) -> ProbeResult:
@@ -119,7 +109,7 @@ def describe_failure(exc: BaseException, host: str, where: str, timeout: float) 
         )
     if isinstance(exc, ssl.SSLError):
         return ProbeResult(False, f"TLS with {where} failed: {exc.reason or exc}. Check the wss:// URL and the certificate.", Problem.TLS)
-    if isinstance(exc, (http.client.HTTPException, ConnectionResetError, EOFError)):
+    if isinstance(exc, (NotHttpError, ConnectionResetError, EOFError)):
         return ProbeResult(
             False,
             f"{where} did not answer HTTP, so it is not a Deskbridge relay. Check the port.",
@@ -128,11 +118,6 @@ def describe_failure(exc: BaseException, host: str, where: str, timeout: float) 
     if isinstance(exc, OSError):
         return ProbeResult(False, f"Cannot reach {where}: {describe_os_error(exc)}.", Problem.NETWORK)
     return ProbeResult(False, f"Cannot reach {where}: {exc}.", Problem.NETWORK)
-
-
-async def check_relay_async(relay_url: str, timeout: float = RELAY_TIMEOUT_S, ssl_context: ssl.SSLContext | None = None) -> ProbeResult:
-    """Run ``check_relay`` in a worker thread, so DNS and HTTP run off the event loop."""
-    return await asyncio.to_thread(check_relay, relay_url, timeout, ssl_context)
 
 
 async def probe_target(target: Target, timeout: float = TARGET_TIMEOUT_S) -> ProbeResult:
