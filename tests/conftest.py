@@ -131,8 +131,10 @@ async def start_agent() -> AsyncIterator[Callable[..., Awaitable[AgentHandle]]]:
         **options: Any,
     ) -> AgentHandle:
         store = MemoryStore()
+        # The agent's connector (proxy and TLS settings) is used for signing in too.
+        connector = options.get("connector")
         if sign_in:
-            tokens = await login(relay_url, ACCOUNT, PASSWORD)
+            tokens = await login(relay_url, ACCOUNT, PASSWORD, connector=connector)
             assert tokens.refresh_token is not None
             await store.set(relay_url, ACCOUNT, tokens.refresh_token)
         sink = RecordingSink() if record else None
@@ -141,7 +143,7 @@ async def start_agent() -> AsyncIterator[Callable[..., Awaitable[AgentHandle]]]:
             relay_url=relay_url,
             device=device,
             targets={name: Target(name, host, port) for name, (host, port) in targets.items()},
-            tokens=RelayTokens(relay_url, ACCOUNT, store),
+            tokens=RelayTokens(relay_url, ACCOUNT, store, connector),
             traffic=sink,
             on_status=statuses.append,
             backoff=backoff or Backoff(base=0.05, cap=0.5),

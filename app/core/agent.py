@@ -28,7 +28,7 @@ from .auth import Tokens
 from .backoff import Backoff
 from .bridge import SocketBridge
 from .config import Target, is_loopback_host
-from .errors import HandshakeError, LocalProtocolError, SignInError, describe_os_error, is_retryable
+from .errors import ConfigError, HandshakeError, LocalProtocolError, SignInError, describe_os_error, is_retryable
 from .frames import CloseCode, ErrorCode
 from .net import Connector, ProxyFailure, TlsFailure
 from .traffic import Direction, Kind, TrafficRecord, TrafficSink, now
@@ -526,7 +526,7 @@ class Agent:
     def _log_failure(self, exc: Exception) -> None:
         if isinstance(exc, HandshakeError):
             logger.warning("relay %s rejected the connection: HTTP %d: %s", self.relay_url, exc.status, exc.message)
-        elif isinstance(exc, (TlsFailure, ProxyFailure)):
+        elif isinstance(exc, (TlsFailure, ProxyFailure, ConfigError)):
             logger.error("cannot connect to relay %s: %s", self.relay_url, exc)
         elif isinstance(exc, ssl.SSLError):
             logger.warning("TLS with relay %s failed: %s", self.relay_url, exc)

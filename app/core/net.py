@@ -6,10 +6,13 @@ and error messages are the same for both.
 
 - **Proxies**: HTTP CONNECT and SOCKS5, with user name and password, through
   python-socks. By default they come from the system settings as the Python
-  standard library reads them (``urllib.request.getproxies``: environment
+  standard library reads them with ``urllib.request.getproxies``: environment
   variables everywhere, the registry on Windows, System Configuration on
-  macOS), honouring ``no_proxy``; settings can name one explicitly or turn
-  proxies off.
+  macOS. ``no_proxy`` is honoured. Settings can also name a proxy or turn
+  proxies off. In system mode a relay on this machine (``localhost``, a name
+  under it, or a loopback address) is always reached directly. HTTP proxy
+  credentials are sent as UTF-8 (RFC 7617); SOCKS5 credentials must be ASCII,
+  because python-socks 3.2 encodes them so.
 - **TLS**: verification is always on, against the OS trust store through
   truststore (so a company CA installed in the OS works without
   configuration), plus an optional extra CA file and an optional pin of the
@@ -47,6 +50,7 @@ P = TypeVar("P", bound=asyncio.BaseProtocol)
 _X509_EXPIRED = 10
 _X509_NOT_YET_VALID = 9
 _X509_HOSTNAME_MISMATCH = 62
+_X509_IP_ADDRESS_MISMATCH = 64
 _X509_UNTRUSTED = {2, 18, 19, 20, 21, 27}
 
 
@@ -55,12 +59,12 @@ class ProxyFailure(DeskbridgeError):
 
 
 class TlsFailure(DeskbridgeError):
-    """The relay's certificate or key was not accepted; the text says which check failed."""
+    """The relay's certificate or key was rejected; the message names the check that failed."""
 
 
 @dataclass(frozen=True, slots=True)
 class ProxySettings:
-    """Which proxy to use: ``system`` settings, ``none``, or an explicit ``url``."""
+    """Proxy choice: the ``system`` settings, ``none``, or a ``manual`` URL with credentials."""
 
     mode: str = "system"
     url: str = ""
@@ -70,6 +74,11 @@ class ProxySettings:
     def __repr__(self) -> str:
         secret = ", password=***" if self.password else ""
         return f"ProxySettings(mode={self.mode!r}, url={_without_credentials(self.url)!r}, username={self.username!r}{secret})"
+
+
+PROXY_MODES = ("system", "none", "manual")
+# RFC 1929 gives the SOCKS5 user name and password one length byte each.
+SOCKS5_MAX_CREDENTIAL_BYTES = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,21 +110,76 @@ def spki_sha256(der_certificate: bytes) -> bytes:
 
 
 def _without_credentials(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.username is None:
+    """Return ``url`` with everything before its last ``@`` after the scheme replaced by ``***``.
+
+    It also works on text that is not a valid URL (no scheme, a bad port, an
+    unencoded ``/`` in the password), so a repr or an error message never
+    shows a password.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        scheme, rest = "", url
+    _userinfo, at, host = rest.rpartition("@")
+    if not at:
         return url
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://***@{host}{port}"
+    return f"{scheme}{separator}***@{host}"
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost":
+    """Tell whether ``host`` is this machine: ``localhost``, a name under it (RFC 6761), or a loopback address."""
+    name = host.strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(name)
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # Python 3.11 calls ::ffff:127.0.0.1 not loopback, but it reaches 127.0.0.1.
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def _parse_proxy_url(proxy_url: str) -> tuple[ProxyType, str, int]:
+    """Return the type, host and port of a proxy URL; a URL without a scheme is an HTTP proxy."""
+    parts = urlsplit(proxy_url if "://" in proxy_url else f"http://{proxy_url}")
+    # NOTE: an https:// proxy URL is taken as a plain HTTP proxy, as many
+    # HTTPS_PROXY settings mean it; TLS to the proxy itself is not supported.
+    kinds = {"http": ProxyType.HTTP, "https": ProxyType.HTTP, "socks5": ProxyType.SOCKS5, "socks5h": ProxyType.SOCKS5}
+    kind = kinds.get(parts.scheme.lower())
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+        kind = None
+    if kind is None or not parts.hostname:
+        raise ConfigError(f"invalid proxy {_without_credentials(proxy_url)!r}: use http://HOST:PORT or socks5://HOST:PORT")
+    default_port = 1080 if kind is ProxyType.SOCKS5 else 8080
+    return kind, parts.hostname, port or default_port
+
+
+def _http_credentials(username: str, password: str) -> tuple[str, str]:
+    """Prepare credentials for python-socks' HTTP Basic authentication so that they go out as UTF-8.
+
+    python-socks 3.2 encodes ``user:password`` as Latin-1. Proxies such as
+    Squid compare the UTF-8 bytes that browsers and curl send (RFC 7617), so
+    the UTF-8 bytes are handed over as the Latin-1 characters with those codes.
+    """
+    if ":" in username:
+        raise ConfigError(
+            f"invalid proxy user name {username!r}: HTTP proxies cannot take a ':' in the user name "
+            "(Basic authentication, RFC 7617); a ':' in the password is fine"
+        )
+    return username.encode("utf-8").decode("latin-1"), password.encode("utf-8").decode("latin-1")
+
+
+def _check_socks5_credentials(username: str, password: str) -> None:
+    for label, value in (("user name", username), ("password", password)):
+        if not value.isascii():
+            # NOTE: RFC 1929 allows any bytes, but python-socks 3.2 encodes them as ASCII.
+            raise ConfigError(f"invalid SOCKS5 proxy {label}: use ASCII characters only, because python-socks sends it as ASCII")
+        if len(value) > SOCKS5_MAX_CREDENTIAL_BYTES:
+            raise ConfigError(f"invalid SOCKS5 proxy {label}: it has {len(value)} characters; SOCKS5 allows at most {SOCKS5_MAX_CREDENTIAL_BYTES}")
 
 
 class Connector:
@@ -124,6 +188,12 @@ class Connector:
     def __init__(self, proxy: ProxySettings | None = None, tls: TlsSettings | None = None) -> None:
         self.proxy = proxy or ProxySettings()
         self.tls = tls or TlsSettings()
+        if self.proxy.mode not in PROXY_MODES:
+            raise ConfigError(f"invalid proxy mode {self.proxy.mode!r}: use one of {', '.join(PROXY_MODES)}")
+        if self.proxy.mode == "manual":
+            if not self.proxy.url:
+                raise ConfigError("the proxy mode is manual but no proxy URL is set; set it, for example http://proxy.example:3128")
+            _parse_proxy_url(self.proxy.url)
         self._pin = parse_pin(self.tls.pin_sha256) if self.tls.pin_sha256 else None
         self._context: ssl.SSLContext | None = None
 
@@ -190,14 +260,17 @@ class Connector:
         return transport, protocol
 
     def _check_pin(self, transport: asyncio.Transport, host: str) -> None:
+        assert self._pin is not None
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if not der or spki_sha256(der) != self._pin:
             transport.abort()
-            seen = base64.b64encode(spki_sha256(der)).decode() if der else "none"
+            pinned = base64.b64encode(self._pin).decode()
+            seen = f"sha256/{base64.b64encode(spki_sha256(der)).decode()}" if der else "missing"
             raise TlsFailure(
-                f"the public key of {host} does not match the pinned key (the relay's key is sha256/{seen}); "
-                "if the relay's key was changed on purpose, update the pin in the settings"
+                f"the public key of {host} is {seen}, which does not match the pinned key sha256/{pinned}. "
+                "If the relay's key was changed on purpose, update the pin in the settings. "
+                "A TLS-inspecting proxy between this computer and the relay also causes this."
             )
 
     async def _through_proxy(self, proxy_url: str, host: str, port: int, timeout: float) -> socket.socket:
@@ -210,37 +283,51 @@ class Connector:
         except ProxyConnectionError as exc:
             raise ConnectionError(f"cannot reach the proxy {where}: {exc}") from None
         except ProxyError as exc:
-            if exc.error_code == 407:
-                if self._proxy_credentials(proxy_url)[0]:
-                    raise ProxyFailure(f"proxy authentication failed at {where}: check the proxy user name and password") from None
-                raise ProxyFailure(f"proxy authentication required by {where}: set the proxy user name and password") from None
-            if exc.error_code in (1, 2):
-                # SOCKS5 authentication failures (RFC 1929 status, or no acceptable method).
-                raise ProxyFailure(f"proxy authentication failed at {where}: {exc}") from None
-            raise ProxyFailure(f"the proxy {where} refused to connect to {host}:{port}: {exc}") from None
+            has_credentials = bool(self._proxy_credentials(proxy_url)[0])
+            raise _describe_proxy_error(exc, where, has_credentials, f"{host}:{port}") from None
 
     def _proxy_credentials(self, proxy_url: str) -> tuple[str, str]:
         if self.proxy.mode == "manual" and self.proxy.username:
             return self.proxy.username, self.proxy.password
-        parts = urlsplit(proxy_url)
+        parts = urlsplit(proxy_url if "://" in proxy_url else f"http://{proxy_url}")
         return unquote(parts.username or ""), unquote(parts.password or "")
 
     def _make_proxy(self, proxy_url: str) -> Proxy:
-        parts = urlsplit(proxy_url if "://" in proxy_url else f"http://{proxy_url}")
-        kinds = {"http": ProxyType.HTTP, "https": ProxyType.HTTP, "socks5": ProxyType.SOCKS5, "socks5h": ProxyType.SOCKS5}
-        kind = kinds.get(parts.scheme)
-        if kind is None or not parts.hostname:
-            raise ConfigError(f"invalid proxy {_without_credentials(proxy_url)!r}: use http://HOST:PORT or socks5://HOST:PORT")
+        kind, proxy_host, proxy_port = _parse_proxy_url(proxy_url)
         username, password = self._proxy_credentials(proxy_url)
-        default_port = 1080 if kind is ProxyType.SOCKS5 else 8080
+        if username and kind is ProxyType.HTTP:
+            username, password = _http_credentials(username, password)
+        elif username:
+            _check_socks5_credentials(username, password)
         return Proxy(
             kind,
-            parts.hostname,
-            parts.port or default_port,
+            proxy_host,
+            proxy_port,
             username=username or None,
             password=password if username else None,
             rdns=True,
         )
+
+
+def _describe_proxy_error(exc: ProxyError, where: str, has_credentials: bool, destination: str) -> ProxyFailure:
+    """Explain a proxy's refusal: authentication required or failed, or no tunnel to the relay."""
+    # The response to CONNECT comes from the proxy itself, so a 401 is about
+    # the proxy login too. tinyproxy 1.11 sends 401 for wrong credentials and
+    # 407 for missing ones.
+    if exc.error_code in (401, 407):
+        status = f"HTTP {exc.error_code}"
+        if has_credentials:
+            return ProxyFailure(f"proxy authentication failed at {where} ({status}): check the proxy user name and password")
+        return ProxyFailure(f"proxy authentication required by {where} ({status}): set the proxy user name and password")
+    # python-socks 3.2 raises SOCKS5 authentication errors ("Username and
+    # password authentication failure", "No acceptable authentication methods
+    # were offered") without a code, so only their text sets them apart. The
+    # coded SOCKS5 errors are replies to the CONNECT request (RFC 1928).
+    if exc.error_code is None and "authentication" in str(exc).lower():
+        if has_credentials:
+            return ProxyFailure(f"proxy authentication failed at {where} ({exc}): check the proxy user name and password")
+        return ProxyFailure(f"proxy authentication required by {where} ({exc}): set the proxy user name and password")
+    return ProxyFailure(f"the proxy {where} refused to connect to {destination}: {str(exc) or 'it closed the connection'}")
 
 
 def describe_verification_error(exc: ssl.SSLCertVerificationError, host: str) -> TlsFailure:
@@ -252,6 +339,11 @@ def describe_verification_error(exc: ssl.SSLCertVerificationError, host: str) ->
         return TlsFailure(f"the certificate of {host} is not valid yet; check this computer's clock")
     if code == _X509_HOSTNAME_MISMATCH:
         return TlsFailure(f"the certificate of the relay does not match the name {host}; check the relay URL")
+    if code == _X509_IP_ADDRESS_MISMATCH:
+        return TlsFailure(
+            f"the certificate of the relay does not match the address {host}; "
+            "use the host name that the certificate names in the relay URL"
+        )
     if code in _X509_UNTRUSTED:
         return TlsFailure(
             f"the certificate of {host} is not trusted (issued by an unknown authority); "
