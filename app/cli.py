@@ -19,9 +19,10 @@ from app import __version__
 from .core.agent import Agent
 from .core.auth import CodeRequired, RelayTokens, Tokens, login, logout
 from .core.config import AgentConfig, Target, load_config, save_config, validate_relay_url
-from .core.credentials import CredentialStore, KeyringStore, MemoryStore
+from .core.credentials import CredentialStore, KeyringStore, MemoryStore, proxy_entry
 from .core.errors import ConfigError, CredentialError, DeskbridgeError, HandshakeError, SignInError, describe_os_error
 from .core.logs import configure_logging
+from .core.net import Connector, connector_from_settings
 from .core.paths import app_dirs
 from .core.traffic import LoggingSink
 
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     logout_cmd.add_argument("--relay", required=True, help="relay URL used at sign-in")
     logout_cmd.add_argument("--username", required=True, help="account name used at sign-in")
 
+    proxy_cmd = commands.add_parser("proxy-password", help="save the password of the configured proxy user in the OS keyring")
+    proxy_cmd.add_argument("--password-stdin", action="store_true", help="read the password from the first line of standard input")
+
     run_cmd = commands.add_parser("run", help="connect to the relay and serve the targets")
     run_cmd.add_argument("--headless", action="store_true", help="run without a window, logging to stderr and the log file")
     run_cmd.add_argument("--minimized", action="store_true", help="start with the window hidden in the tray (where a tray exists)")
@@ -60,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="let target NAME be on another computer (targets must be on this computer otherwise; saved)",
     )
+    run_cmd.add_argument(
+        "--proxy",
+        metavar="system|none|URL",
+        help="proxy for reaching the relay: the system settings (default), none, or http://HOST:PORT or socks5://HOST:PORT (saved)",
+    )
+    run_cmd.add_argument("--proxy-user", metavar="NAME", help="user name for a --proxy URL; set its password with 'deskbridge proxy-password' (saved)")
+    run_cmd.add_argument("--ca-file", metavar="FILE", help="extra PEM CA certificates to trust for a wss:// relay, besides the OS trust store (saved)")
+    run_cmd.add_argument("--pin-sha256", metavar="PIN", help="accept only this relay public key: SHA-256 of its SubjectPublicKeyInfo, base64 (saved)")
     run_cmd.add_argument("--ping-interval", type=float, metavar="SECONDS", help="heartbeat ping interval (default 15; saved in the config file)")
     run_cmd.add_argument("--ping-timeout", type=float, metavar="SECONDS", help="time a heartbeat pong may take before the link counts as lost (default 10; saved)")
     run_cmd.add_argument("--grace", type=float, metavar="SECONDS", help="how long open streams wait for a lost relay connection to come back (default 120; saved)")
@@ -98,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_login(args))
         if args.command == "logout":
             return asyncio.run(_logout(args))
+        if args.command == "proxy-password":
+            return asyncio.run(_proxy_password(args))
         return _run(args)
     except ConfigError as exc:
         print(f"deskbridge: {exc}", file=sys.stderr)
@@ -125,7 +139,7 @@ def _read_secret(args: argparse.Namespace, prompt: str) -> str:
     return getpass.getpass(prompt)
 
 
-async def _sign_in(args: argparse.Namespace, relay: str, username: str) -> Tokens:
+async def _sign_in(args: argparse.Namespace, relay: str, username: str, connector: Connector | None = None) -> Tokens:
     """Sign in with a password, asking for a one-time code if the account needs one.
 
     With --password-stdin the code, if needed, is the second line of standard
@@ -136,14 +150,14 @@ async def _sign_in(args: argparse.Namespace, relay: str, username: str) -> Token
         raise ConfigError("the password is empty; type it at the prompt or pipe it with --password-stdin")
     code = args.code
     try:
-        return await login(relay, username, password, code)
+        return await login(relay, username, password, code, connector=connector)
     except CodeRequired:
         if code:
             raise
     code = _read_secret(args, "One-time code from your authenticator app: ").strip()
     if not code:
         raise SignInError("this account needs a one-time code; pass --code or type it at the prompt")
-    return await login(relay, username, password, code)
+    return await login(relay, username, password, code, connector=connector)
 
 
 async def _login(args: argparse.Namespace) -> int:
@@ -152,7 +166,8 @@ async def _login(args: argparse.Namespace) -> int:
     # Check the keyring first, so nobody types a password that cannot be kept.
     store.check_backend()
     try:
-        tokens = await _sign_in(args, relay, args.username)
+        connector = await make_connector(load_config(app_dirs().config))
+        tokens = await _sign_in(args, relay, args.username, connector)
     except (OSError, HandshakeError) as exc:
         reason = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         print(f"deskbridge: cannot sign in at {relay}: {reason}", file=sys.stderr)
@@ -177,7 +192,7 @@ async def _logout(args: argparse.Namespace) -> int:
         return 0
     status = 0
     try:
-        await logout(relay, saved)
+        await logout(relay, saved, await make_connector(load_config(app_dirs().config)))
     except (OSError, HandshakeError, SignInError) as exc:
         print(f"deskbridge: the relay could not revoke the sign-in ({exc}); deleting the local token anyway", file=sys.stderr)
         status = 1
@@ -198,6 +213,17 @@ def _merge_run_options(args: argparse.Namespace, config: AgentConfig) -> bool:
     if args.device:
         config.device = args.device
         changed = True
+    if args.proxy is not None:
+        if args.proxy in ("system", "none"):
+            config.proxy_mode, config.proxy_url = args.proxy, ""
+        else:
+            config.proxy_mode, config.proxy_url = "manual", args.proxy
+        changed = True
+    for name in ("proxy_user", "ca_file", "pin_sha256"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(config, "proxy_username" if name == "proxy_user" else name, value)
+            changed = True
     for name in ("ping_interval", "ping_timeout", "grace"):
         value = getattr(args, name)
         if value is not None:
@@ -212,10 +238,10 @@ def _merge_run_options(args: argparse.Namespace, config: AgentConfig) -> bool:
             config.targets[target.name] = target
         changed = True
     for name in args.allow_remote_target:
-        target = config.targets.get(name)
-        if target is None:
+        existing = config.targets.get(name)
+        if existing is None:
             raise ConfigError(f"--allow-remote-target names {name!r}, which is not a target; add it with --target {name}=HOST:PORT")
-        config.targets[name] = Target.create(target.name, target.host, target.port, allow_remote=True)
+        config.targets[name] = Target.create(existing.name, existing.host, existing.port, allow_remote=True)
         changed = True
     for target in config.targets.values():
         if not target.allow_remote and not target.is_loopback_host:
@@ -254,11 +280,11 @@ def _run(args: argparse.Namespace) -> int:
     return asyncio.run(run_headless(config, args))
 
 
-async def _credential_store(config: AgentConfig, args: argparse.Namespace) -> CredentialStore:
+async def _credential_store(config: AgentConfig, args: argparse.Namespace, connector: Connector) -> CredentialStore:
     """Return the keyring, or a memory store signed in for this run only with --password-stdin."""
     if args.password_stdin:
         store = MemoryStore()
-        tokens = await _sign_in(args, config.relay_url, config.account)
+        tokens = await _sign_in(args, config.relay_url, config.account, connector)
         assert tokens.refresh_token is not None
         await store.set(config.relay_url, config.account, tokens.refresh_token)
         logger.info("signed in as %s for this run only; nothing was saved", config.account)
@@ -271,15 +297,43 @@ async def _credential_store(config: AgentConfig, args: argparse.Namespace) -> Cr
     return keyring_store
 
 
+async def make_connector(config: AgentConfig) -> Connector:
+    """Build the connector from the settings, with the proxy password from the OS keyring."""
+    password = ""
+    if config.proxy_mode == "manual" and config.proxy_username:
+        password = await KeyringStore().get(proxy_entry(config.proxy_url), config.proxy_username) or ""
+        if not password:
+            logger.warning(
+                "no password saved for proxy user %s; save one with 'deskbridge proxy-password'", config.proxy_username
+            )
+    return connector_from_settings(
+        config.proxy_mode, config.proxy_url, config.proxy_username, password, config.ca_file, config.pin_sha256
+    )
+
+
+async def _proxy_password(args: argparse.Namespace) -> int:
+    config = load_config(app_dirs().config)
+    if config.proxy_mode != "manual" or not config.proxy_username:
+        raise ConfigError("no proxy user is configured; run 'deskbridge run --proxy URL --proxy-user NAME' first")
+    password = _read_secret(args, f"Password for proxy user {config.proxy_username} at {config.proxy_url}: ")
+    if not password:
+        raise ConfigError("the password is empty; type it at the prompt or pipe it with --password-stdin")
+    await KeyringStore().set(proxy_entry(config.proxy_url), config.proxy_username, password)
+    print(f"Saved the password of proxy user {config.proxy_username} in the OS keyring.")
+    return 0
+
+
 async def run_headless(config: AgentConfig, args: argparse.Namespace) -> int:
     """Run the agent until SIGINT or SIGTERM."""
-    store = await _credential_store(config, args)
+    connector = await make_connector(config)
+    store = await _credential_store(config, args, connector)
     agent = Agent(
         relay_url=config.relay_url,
         device=config.device,
         targets=config.targets,
-        tokens=RelayTokens(config.relay_url, config.account, store),
+        tokens=RelayTokens(config.relay_url, config.account, store, connector),
         traffic=LoggingSink(logging.getLogger("deskbridge.traffic")),
+        connector=connector,
         ping_interval=config.ping_interval,
         ping_timeout=config.ping_timeout,
         grace=config.grace,

@@ -133,6 +133,13 @@ class AgentConfig:
     ping_interval: float = 15.0
     ping_timeout: float = 10.0
     grace: float = 120.0
+    # Network: "system", "none" or "manual" proxy; the proxy password lives
+    # in the OS keyring, never here.
+    proxy_mode: str = "system"
+    proxy_url: str = ""
+    proxy_username: str = ""
+    ca_file: str = ""
+    pin_sha256: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -142,6 +149,11 @@ class AgentConfig:
             "ping_interval": self.ping_interval,
             "ping_timeout": self.ping_timeout,
             "grace": self.grace,
+            "proxy_mode": self.proxy_mode,
+            "proxy_url": self.proxy_url,
+            "proxy_username": self.proxy_username,
+            "ca_file": self.ca_file,
+            "pin_sha256": self.pin_sha256,
             "targets": [
                 {"name": t.name, "host": t.host, "port": t.port, "allow_remote": t.allow_remote} for t in self.targets.values()
             ],
@@ -164,6 +176,13 @@ class AgentConfig:
                 if value <= 0 and name != "grace" or value < 0:
                     raise ConfigError(f"{source}: '{name}' must be positive")
                 setattr(config, name, value)
+        for name in ("proxy_mode", "proxy_url", "proxy_username", "ca_file", "pin_sha256"):
+            if name in data:
+                if not isinstance(data[name], str):
+                    raise ConfigError(f"{source}: '{name}' must be a string")
+                setattr(config, name, data[name])
+        if config.proxy_mode not in ("system", "none", "manual"):
+            raise ConfigError(f"{source}: 'proxy_mode' must be system, none or manual, not {config.proxy_mode!r}")
         raw_targets = data.get("targets", [])
         if not isinstance(raw_targets, list):
             raise ConfigError(f"{source}: 'targets' must be a list")

@@ -28,6 +28,11 @@ def entry_name(relay_url: str, account: str) -> str:
     return f"{account}@{relay_url}"
 
 
+def proxy_entry(proxy_url: str) -> str:
+    """The keyring "relay URL" under which a proxy's password is kept (with the proxy user as account)."""
+    return f"proxy {proxy_url}"
+
+
 class CredentialStore(Protocol):
     async def get(self, relay_url: str, account: str) -> str | None: ...
 

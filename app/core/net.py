@@ -350,3 +350,13 @@ def describe_verification_error(exc: ssl.SSLCertVerificationError, host: str) ->
             "install the issuing CA in the system's trust store or set an extra CA file in the settings"
         )
     return TlsFailure(f"the certificate of {host} was rejected: {exc.verify_message or exc}")
+
+
+def connector_from_settings(
+    proxy_mode: str, proxy_url: str, proxy_username: str, proxy_password: str, ca_file: str, pin_sha256: str
+) -> Connector:
+    """Build the agent's connector from its saved settings; raises ConfigError for invalid ones."""
+    return Connector(
+        ProxySettings(mode=proxy_mode, url=proxy_url, username=proxy_username, password=proxy_password),
+        TlsSettings(ca_file=ca_file, pin_sha256=pin_sha256),
+    )

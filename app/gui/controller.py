@@ -23,6 +23,7 @@ from app.core.backoff import Backoff
 from app.core.config import AgentConfig, Target, load_config, save_config
 from app.core.credentials import CredentialStore, KeyringStore, MemoryStore
 from app.core.errors import CredentialError, HandshakeError, SignInError
+from app.core.net import connector_from_settings
 from app.core.models import (
     GuiSettings,
     ProblemTracker,
@@ -202,14 +203,23 @@ class AppController(QObject):
         self.error = ""
         self.problems.clear()
         self._was_connected = False
+        # NOTE: the window has no fields for a manual proxy, CA file or pin yet;
+        # it applies what the config file holds, without a proxy password.
+        connector = connector_from_settings(
+            config.proxy_mode, config.proxy_url, config.proxy_username, "", config.ca_file, config.pin_sha256
+        )
         agent = Agent(
             relay_url=config.relay_url,
             device=config.device,
             targets=config.targets,
-            tokens=RelayTokens(config.relay_url, config.account, store),
+            tokens=RelayTokens(config.relay_url, config.account, store, connector),
             traffic=self.history,
             on_status=self._set_status,
             backoff=self._backoff_factory(),
+            connector=connector,
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
+            grace=config.grace,
         )
         self.agent = agent
         self._agent_task = asyncio.ensure_future(agent.run())
