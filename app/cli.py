@@ -16,15 +16,24 @@ from collections.abc import Sequence
 
 from app import __version__
 
-from .core.agent import Agent
+from .core.agent import Agent, AgentState, AgentStatus
 from .core.auth import CodeRequired, RelayTokens, Tokens, login, logout
-from .core.config import AgentConfig, Target, load_config, save_config, validate_relay_url
+from .core.config import (
+    AgentConfig,
+    Target,
+    load_config,
+    save_config,
+    validate_device_name,
+    validate_relay_url,
+    validate_seconds,
+)
 from .core.credentials import CredentialStore, KeyringStore, MemoryStore, proxy_entry
 from .core.errors import ConfigError, CredentialError, DeskbridgeError, HandshakeError, SignInError, describe_os_error
 from .core.logs import configure_logging
 from .core.net import Connector, connector_from_settings
 from .core.paths import app_dirs
 from .core.traffic import LoggingSink
+from .selftest import MODES as SELF_TEST_MODES
 
 logger = logging.getLogger("deskbridge")
 
@@ -36,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"deskbridge {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log detail (default INFO)")
+    parser.add_argument(
+        "--self-test",
+        nargs="?",
+        const="all",
+        choices=SELF_TEST_MODES,
+        metavar="CHECK",
+        help="check the Qt platform plugin, OS keyring, TLS certificates and a loopback relay round trip, "
+        "print each result and exit 0 only if all pass; CHECK runs one of qt, keyring, tls, relay, "
+        "or 'startup' to open the window, print when it is painted, and quit",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     login_cmd = commands.add_parser("login", help="sign in to a relay and keep the token in the OS keyring")
@@ -45,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     login_cmd.add_argument("--code", help="one-time code from the authenticator app, for accounts that need one")
 
     logout_cmd = commands.add_parser("logout", help="delete the saved sign-in token from the OS keyring")
-    logout_cmd.add_argument("--relay", required=True, help="relay URL used at sign-in")
-    logout_cmd.add_argument("--username", required=True, help="account name used at sign-in")
+    logout_cmd.add_argument("--relay", help="relay URL used at sign-in (default: the one in the config file)")
+    logout_cmd.add_argument("--username", help="account name used at sign-in (default: the one in the config file)")
 
     proxy_cmd = commands.add_parser("proxy-password", help="save the password of the configured proxy user in the OS keyring")
     proxy_cmd.add_argument("--password-stdin", action="store_true", help="read the password from the first line of standard input")
@@ -94,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.self_test:
+        from .selftest import run_self_test
+
+        return run_self_test(args.self_test)
     if args.command is None:
         # Without a command, open the window, as a desktop launcher does.
         args = parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "run"])
@@ -107,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level, dirs.logs)
     try:
         if args.command == "login":
-            return asyncio.run(_login(args))
+            return _login_command(args)
         if args.command == "logout":
             return asyncio.run(_logout(args))
         if args.command == "proxy-password":
@@ -160,14 +183,31 @@ async def _sign_in(args: argparse.Namespace, relay: str, username: str, connecto
     return await login(relay, username, password, code, connector=connector)
 
 
-async def _login(args: argparse.Namespace) -> int:
+def _login_command(args: argparse.Namespace) -> int:
+    """Run ``deskbridge login``; prompts happen outside the event loop, so Ctrl-C stops them at once."""
     relay = validate_relay_url(args.relay)
-    store = KeyringStore()
     # Check the keyring first, so nobody types a password that cannot be kept.
-    store.check_backend()
+    KeyringStore().check_backend()
+    password = _read_secret(args, f"Password for {args.username} at {relay}: ")
+    if not password:
+        raise ConfigError("the password is empty; type it at the prompt or pipe it with --password-stdin")
+    code = args.code
+    try:
+        return asyncio.run(_login(args, relay, password, code))
+    except CodeRequired:
+        if code:
+            raise
+    code = _read_secret(args, "One-time code from your authenticator app: ").strip()
+    if not code:
+        raise SignInError("this account needs a one-time code; pass --code, or give it on the next line with --password-stdin")
+    return asyncio.run(_login(args, relay, password, code))
+
+
+async def _login(args: argparse.Namespace, relay: str, password: str, code: str | None) -> int:
+    store = KeyringStore()
     try:
         connector = await make_connector(load_config(app_dirs().config))
-        tokens = await _sign_in(args, relay, args.username, connector)
+        tokens = await login(relay, args.username, password, code, connector=connector)
     except (OSError, HandshakeError) as exc:
         reason = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         print(f"deskbridge: cannot sign in at {relay}: {reason}", file=sys.stderr)
@@ -184,7 +224,11 @@ async def _login(args: argparse.Namespace) -> int:
 
 
 async def _logout(args: argparse.Namespace) -> int:
-    relay = validate_relay_url(args.relay)
+    config = load_config(app_dirs().config)
+    if not (args.relay or config.relay_url) or not (args.username or config.account):
+        raise ConfigError("no sign-in is configured; pass --relay URL and --username NAME")
+    relay = validate_relay_url(args.relay or config.relay_url)
+    args.username = args.username or config.account
     store = KeyringStore()
     saved = await store.get(relay, args.username)
     if saved is None:
@@ -211,7 +255,7 @@ def _merge_run_options(args: argparse.Namespace, config: AgentConfig) -> bool:
         config.account = args.username
         changed = True
     if args.device:
-        config.device = args.device
+        config.device = validate_device_name(args.device)
         changed = True
     if args.proxy is not None:
         if args.proxy in ("system", "none"):
@@ -227,9 +271,7 @@ def _merge_run_options(args: argparse.Namespace, config: AgentConfig) -> bool:
     for name in ("ping_interval", "ping_timeout", "grace"):
         value = getattr(args, name)
         if value is not None:
-            if value <= 0 and name != "grace" or value < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds")
-            setattr(config, name, value)
+            setattr(config, name, validate_seconds(value, f"--{name.replace('_', '-')}", allow_zero=name == "grace"))
             changed = True
     if args.target:
         config.targets = {}
@@ -327,6 +369,18 @@ async def run_headless(config: AgentConfig, args: argparse.Namespace) -> int:
     """Run the agent until SIGINT or SIGTERM."""
     connector = await make_connector(config)
     store = await _credential_store(config, args, connector)
+    stop = asyncio.Event()
+    exit_code = 0
+
+    def on_status(status: AgentStatus) -> None:
+        nonlocal exit_code
+        # A sign-in for this run only cannot come back once the relay
+        # rejects it, so waiting would never end; exit for a supervisor instead.
+        if status.state is AgentState.SIGNED_OUT and isinstance(store, MemoryStore):
+            logger.error("the relay rejected this run's sign-in; start again with --password-stdin")
+            exit_code = 1
+            stop.set()
+
     agent = Agent(
         relay_url=config.relay_url,
         device=config.device,
@@ -337,9 +391,9 @@ async def run_headless(config: AgentConfig, args: argparse.Namespace) -> int:
         ping_interval=config.ping_interval,
         ping_timeout=config.ping_timeout,
         grace=config.grace,
+        on_status=on_status,
     )
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     targets = ", ".join(f"{t.name}={t.address}" for t in config.targets.values())
@@ -353,7 +407,7 @@ async def run_headless(config: AgentConfig, args: argparse.Namespace) -> int:
     stopper.cancel()
     await asyncio.gather(runner, stopper, return_exceptions=True)
     logger.info("agent stopped")
-    return 0
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from app.core.errors import ConfigError
 from app.core.logs import configure_logging
 
 from .accounts import Accounts, PasswordHash
+from .limits import add_limit_arguments, limits_from_args
 from .signin import LOGIN_MAX_FAILURES, LOGIN_WINDOW_S
 from .relay import GRACE_S, PING_INTERVAL_S, PING_TIMEOUT_S, Relay, RelayConfig, parse_exposures
 
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grace", type=float, default=GRACE_S, metavar="SECONDS", help=f"how long a lost agent's streams and cloud sockets wait for it to resume (default {GRACE_S:g})")
     parser.add_argument("--tls-cert", type=Path, metavar="FILE", help="PEM certificate chain; with --tls-key, serve wss:// and https://")
     parser.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
+    add_limit_arguments(parser)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log detail (default INFO)")
     return parser
 
@@ -114,6 +116,7 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         grace=args.grace,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        **limits_from_args(args),
     )
 
 

@@ -18,7 +18,6 @@ import functools
 import hmac
 import json
 import logging
-import re
 import secrets
 import ssl
 import time
@@ -35,26 +34,42 @@ from app import __version__
 from app.core import frames
 from app.core import session as s
 from app.core.bridge import SocketBridge
+from app.core.config import DEVICE_NAME, TARGET_NAME
 from app.core.errors import ConfigError
 from app.core.frames import CloseCode, ErrorCode
 from app.core.traffic import Direction, LoggingSink
 from app.core.tunnel import Tunnel
-from app.core.wslink import WsLink
+from app.core.wslink import WsLink, tune_allocator
 
 from .accounts import Accounts, TokenClaims, TokenError
-from .http import HttpError, HttpFront, HttpRequest, HttpResponse, json_response
+from .http import HttpError, HttpFront, HttpLimits, HttpRequest, HttpResponse, json_response
+from .limits import (
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_AGENT_BUFFER,
+    DEFAULT_MAX_AGENT_MESSAGE,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS_PER_MINUTE,
+    DEFAULT_MAX_EXCHANGE_REPLY,
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_PENDING_CONNECTIONS,
+    DEFAULT_MAX_STREAM_MESSAGE,
+    DEFAULT_MAX_STREAMS_PER_AGENT,
+    DEFAULT_SEND_TIMEOUT_S,
+    ConnectionGate,
+    ConnectionRateLimiter,
+    LogThrottle,
+    PendingConnections,
+)
 from .signin import LOGIN_MAX_FAILURES, LOGIN_WINDOW_S, SignIn
 from .streams import Exchange, ExchangeError, WebSocketStream, finish_stream
 
 logger = logging.getLogger(__name__)
 
-DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
 
-# Agents may send messages slightly above the protocol's limit so that the
-# tunnel parser, not the WebSocket layer, reports them with a clear reason.
-AGENT_MAX_MESSAGE = 4 * frames.MAX_MESSAGE_SIZE
-CLOUD_MAX_MESSAGE = 1024 * 1024
-MAX_EXCHANGE_REPLY = 16 * 1024 * 1024
+# Defaults of RelayConfig.max_agent_message, max_stream_message and max_exchange_reply.
+AGENT_MAX_MESSAGE = DEFAULT_MAX_AGENT_MESSAGE
+CLOUD_MAX_MESSAGE = DEFAULT_MAX_STREAM_MESSAGE
+MAX_EXCHANGE_REPLY = DEFAULT_MAX_EXCHANGE_REPLY
 DEFAULT_EXCHANGE_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 PING_INTERVAL_S = 15.0
@@ -112,6 +127,18 @@ class RelayConfig:
     grace: float = GRACE_S
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Limits against hostile clients; docs/relay.md describes each one.
+    max_streams_per_agent: int = DEFAULT_MAX_STREAMS_PER_AGENT
+    max_agent_buffer: int = DEFAULT_MAX_AGENT_BUFFER
+    max_agent_message: int = DEFAULT_MAX_AGENT_MESSAGE
+    max_stream_message: int = DEFAULT_MAX_STREAM_MESSAGE
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_exchange_reply: int = DEFAULT_MAX_EXCHANGE_REPLY
+    max_connections_per_minute: int = DEFAULT_MAX_CONNECTIONS_PER_MINUTE
+    max_pending_connections: int = DEFAULT_MAX_PENDING_CONNECTIONS
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT_S
+    send_timeout: float = DEFAULT_SEND_TIMEOUT_S
 
     def __repr__(self) -> str:
         return f"<RelayConfig {self.host}:{self.port} accounts={self.accounts.names} exposures={len(self.exposures)}>"
@@ -169,13 +196,30 @@ class AgentEntry:
     def identity(self) -> tuple[str, str]:
         return (self.account, self.device)
 
+    def streams_in_use(self) -> int:
+        """Return the streams counted against --max-streams-per-agent.
+
+        That is the larger of the cloud clients this agent serves (open or
+        waiting for the stream to open) and the tunnel's open streams, which
+        also include streams still draining after their cloud end left.
+        """
+        return max(len(self._active), len(self.tunnel.handlers))
+
+    def buffered_bytes(self) -> int:
+        """Return the bytes the session keeps for the agent: its resend log and the data waiting for credit."""
+        session = self.tunnel.session
+        return session.unacked_bytes + sum(session.backlog_size(sid) for sid in session.stream_ids)
+
     def track(self, handler: Any, target: str) -> None:
         self._active[handler] = target
-        self.totals.setdefault(target, TargetTotals()).streams += 1
+        # Count only names the agent offers, so clients asking for random
+        # names cannot grow this table.
+        if target in self.targets or target in self.totals:
+            self.totals.setdefault(target, TargetTotals()).streams += 1
 
     def untrack(self, handler: Any) -> None:
         target = self._active.pop(handler, None)
-        if target is not None:
+        if target is not None and (target in self.targets or target in self.totals):
             totals = self.totals.setdefault(target, TargetTotals())
             totals.bytes_to_desktop += handler.bytes_to_desktop
             totals.bytes_to_cloud += handler.bytes_to_cloud
@@ -224,11 +268,24 @@ class CloudSocket(SocketBridge):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        assert self.transport is not None
+        relay = self._relay
         exposure = self._exposure
-        entry = self._relay.find_agent(exposure.account, exposure.device)
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        # TCP has no way to say why, so every rejection here is a plain close.
+        if relay.expose_gate.admit(address, f"exposed port of {exposure.name}") is not None:
+            self.transport.close()
+            return
+        entry = relay.find_agent(exposure.account, exposure.device, exposure.target)
         if entry is None:
-            logger.warning("cloud client on port %d for %s: agent offline; closing", exposure.port, exposure.name)
-            assert self.transport is not None
+            relay.log_throttle.warning(
+                ("offline", exposure.name), "cloud client %s for %s: agent offline; closing", address, exposure.name
+            )
+            self.transport.close()
+            return
+        limit = relay.stream_limit_error(entry)
+        if limit is not None:
             self.transport.close()
             return
         self._entry = entry
@@ -260,15 +317,34 @@ class Relay:
             failure_window=config.login_window,
         )
         self.agents: dict[tuple[str, str], AgentEntry] = {}
+        self.log_throttle = LogThrottle(logger)
+        rate = ConnectionRateLimiter(config.max_connections_per_minute)
+        self.pending = PendingConnections(config.max_pending_connections)
+        # Both gates share one rate limiter, so a client address has one
+        # budget over the HTTP port and every exposed port.
+        self.http_gate = ConnectionGate(rate, self.pending, self.log_throttle)
+        self.expose_gate = ConnectionGate(rate, None, self.log_throttle)
+        self._http_limits = HttpLimits(
+            max_header_bytes=config.max_header_bytes,
+            max_body_bytes=config.max_body_bytes,
+            header_timeout=config.header_timeout,
+            send_timeout=config.send_timeout,
+        )
         self.traffic = LoggingSink(logger)
         self.port = 0
         self.expose_ports: dict[str, int] = {}
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._links: set[WsLink] = set()
+        self._fronts: set[HttpFront] = set()
 
     def __repr__(self) -> str:
         return f"<Relay port={self.port} agents={len(self.agents)}>"
+
+    @property
+    def http_connections(self) -> int:
+        """Open connections on the HTTP port that are not WebSockets."""
+        return len(self._fronts)
 
     @property
     def url(self) -> str:
@@ -281,6 +357,7 @@ class Relay:
     # Lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
+        tune_allocator()
         loop = asyncio.get_running_loop()
         server = await loop.create_server(self._make_front, self.config.host, self.config.port, ssl=self._tls_context())
         self._servers.append(server)
@@ -325,6 +402,8 @@ class Relay:
                 link.abort()
             if pending:
                 logger.warning("%d connections did not close in %.0f s; aborted them", len(pending), STOP_TIMEOUT_S)
+        for front in list(self._fronts):
+            front.abort()
         tasks = [task for task in self._tasks if not task.done()]
         for task in tasks:
             task.cancel()
@@ -340,23 +419,63 @@ class Relay:
         return HttpFront(
             on_request=self._handle_request,
             on_upgrade=self._handle_upgrade,
-            max_message_size=CLOUD_MAX_MESSAGE,
+            max_message_size=self.config.max_stream_message,
             tasks=self._tasks,
+            limits=self._http_limits,
+            gate=self.http_gate,
+            log=self.log_throttle,
+            registry=self._fronts,
         )
 
     # Agents ------------------------------------------------------------------
 
-    def find_agent(self, account: str, device: str | None = None) -> AgentEntry | None:
-        """Return the agent for an account (the newest one unless a device is named).
+    def find_agent(self, account: str, device: str | None = None, target: str | None = None) -> AgentEntry | None:
+        """Return the agent for an account: the named device, else the newest one offering ``target``.
 
-        An agent whose connection is lost but still within the grace period
-        counts: streams opened meanwhile start once it resumes.
+        Agents whose HELLO listed the target come first, so an account with
+        several desktops reaches the one that has it. An agent whose
+        connection is lost but still within the grace period counts: streams
+        opened meanwhile start once it resumes.
         """
         if device is not None:
             entry = self.agents.get((account, device))
             return entry if entry is not None and not entry.tunnel.ended else None
         candidates = [e for e in self.agents.values() if e.account == account and not e.tunnel.ended]
+        if target is not None:
+            offering = [e for e in candidates if target in e.targets]
+            candidates = offering or candidates
         return max(candidates, key=lambda e: e.connected_at, default=None)
+
+    def stream_limit_error(self, entry: AgentEntry) -> HttpError | None:
+        """Return the error for a new stream to an agent at one of its limits, and log it.
+
+        The limits are --max-streams-per-agent and --max-buffered-bytes-per-agent.
+        """
+        agent_name = f"{entry.account}/{entry.device}"
+        in_use = entry.streams_in_use()
+        if in_use >= self.config.max_streams_per_agent:
+            self.log_throttle.warning(
+                ("streams", agent_name), "rejected a stream to agent %s: it has %d streams, the limit", agent_name, in_use,
+            )
+            return HttpError(
+                429,
+                "limit_exceeded",
+                f"the agent {agent_name} has {in_use} streams open, the relay's limit; close some and try again",
+                [("Retry-After", "1")],
+            )
+        # O(streams), which is fine once per stream open.
+        buffered = entry.buffered_bytes()
+        if buffered >= self.config.max_agent_buffer:
+            self.log_throttle.warning(
+                ("buffered", agent_name), "rejected a stream to agent %s: it has %d bytes buffered, above the limit", agent_name, buffered,
+            )
+            return HttpError(
+                429,
+                "limit_exceeded",
+                f"the relay buffers {buffered} bytes for the agent {agent_name}, above its limit; try again once the agent catches up",
+                [("Retry-After", "1")],
+            )
+        return None
 
     def open_when_ready(self, entry: AgentEntry, target: str, handler: Any) -> None:
         """Open a stream for ``handler`` once the agent's HELLO has arrived, then bind it."""
@@ -379,13 +498,17 @@ class Relay:
         claims = self._authenticate_agent(request, link)
         if claims is None:
             return
+        request.mark_authenticated()
         account = claims.account
         device = (request.header("deskbridge-device") or "").strip()
         if not DEVICE_NAME.match(device):
             _reject(link, HttpError(400, "invalid_device", "header Deskbridge-Device must be 1 to 64 letters, digits, spaces, '.', '_' or '-'"))
             return
 
-        link.set_max_message_size(AGENT_MAX_MESSAGE)
+        link.set_max_message_size(self.config.max_agent_message)
+        # Frames the agent does not read wait in this buffer; past the limit
+        # the connection is dropped like a lost one.
+        link.max_write_buffer = self.config.max_agent_buffer
         failure = ""
         if request.header("deskbridge-resume") is not None:
             failure = self._resume_agent(request, link, ws_request, claims, device)
@@ -405,6 +528,7 @@ class Relay:
             on_detach=lambda code, reason: self._on_agent_detach(entry, reason),
             grace=self.config.grace,
             label=f"{account}/{device}",
+            buffer_limit=self.config.max_agent_buffer,
         )
         entry.set_access(claims)
 
@@ -518,6 +642,7 @@ class Relay:
         link.closed.add_done_callback(lambda _f: self._links.discard(link))
         segments = request.segments
         try:
+            _check_handshake(link, ws_request)
             if segments == ["v1", "agent"]:
                 self._accept_agent(request, link, ws_request)
             elif len(segments) == 6 and segments[:2] == ["v1", "agents"] and segments[3] == "targets" and segments[5] == "stream":
@@ -529,7 +654,13 @@ class Relay:
             _reject(link, exc)
 
     def _open_websocket_stream(self, request: HttpRequest, link: WsLink, ws_request: WsRequest, account: str, target: str) -> None:
-        entry = self._require_agent(account, request.query.get("device"))
+        entry = self._require_agent(account, request.query.get("device"), target)
+        limit = self.stream_limit_error(entry)
+        if limit is not None:
+            raise limit
+        # The relay sends at most one window of stream data unread by the
+        # client (flow control), plus pongs and the close frame.
+        link.max_write_buffer = self.config.window + self.config.max_stream_message
         stream = WebSocketStream(link, ws_request, target, on_done=lambda st: entry.untrack(st))
         entry.track(stream, target)
         self.open_when_ready(entry, target, stream)
@@ -539,13 +670,19 @@ class Relay:
         segments = request.segments
         method = request.method
         if segments == ["healthz"]:
+            _require_method(request, "GET")
             return json_response(200, {"status": "ok", "agents": len(self.agents)})
         if segments[:2] == ["v1", "auth"] and len(segments) == 3:
             _require_method(request, "POST")
+            # Both raise HttpError unless the credentials were valid.
             if segments[2] == "login":
-                return self.signin.login(request)
+                response = self.signin.login(request)
+                request.mark_authenticated()
+                return response
             if segments[2] == "refresh":
-                return self.signin.refresh(request)
+                response = self.signin.refresh(request)
+                request.mark_authenticated()
+                return response
             if segments[2] == "logout":
                 response, family = self.signin.logout(request)
                 if family is not None:
@@ -576,9 +713,14 @@ class Relay:
             valid |= hmac.compare_digest(supplied.encode(), key.encode())
         if not valid:
             raise HttpError(401, "unauthorized", "invalid API key")
+        request.mark_authenticated()
 
-    def _require_agent(self, account: str, device: str | None) -> AgentEntry:
-        entry = self.find_agent(account, device)
+    def _require_agent(self, account: str, device: str | None, target: str | None = None) -> AgentEntry:
+        if target is not None and not TARGET_NAME.match(target):
+            raise HttpError(
+                400, "invalid_request", "invalid target name: use 1 to 64 ASCII letters, digits, '.', '_' or '-'"
+            )
+        entry = self.find_agent(account, device, target)
         if entry is None:
             who = f"{account}/{device}" if device else f"account {account!r}"
             raise HttpError(503, "agent_offline", f"no agent of {who} is connected; start the Deskbridge agent on the desktop")
@@ -594,38 +736,50 @@ class Relay:
         until = query.get("until", "newline")
         if until not in ("newline", "bytes", "idle", "eof"):
             raise HttpError(400, "invalid_request", f"invalid until={until!r}: use newline, bytes, idle or eof")
-        count = _int_param(query, "bytes", 0, 0, MAX_EXCHANGE_REPLY)
+        max_reply = self.config.max_exchange_reply
+        count = _int_param(query, "bytes", 0, 0, max_reply)
         if until == "bytes" and count <= 0:
-            raise HttpError(400, "invalid_request", "until=bytes needs bytes=N with N from 1 to 16777216")
+            raise HttpError(400, "invalid_request", f"until=bytes needs bytes=N with N from 1 to {max_reply}")
+        if count <= 0 and query.get("bytes"):
+            raise HttpError(400, "invalid_request", f"bytes=0 is invalid: bytes=N takes N from 1 to {max_reply}")
         idle = _int_param(query, "idle_ms", 500, 1, 600_000) / 1000
         timeout = _int_param(query, "timeout_ms", int(DEFAULT_EXCHANGE_TIMEOUT_S * 1000), 1, 600_000) / 1000
 
-        entry = self._require_agent(account, query.get("device"))
+        entry = self._require_agent(account, query.get("device"), target)
         if not entry.ready.done():
             try:
                 await asyncio.wait_for(asyncio.shield(entry.ready), timeout)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 raise HttpError(503, "agent_offline", f"the agent of account {account!r} did not finish connecting") from None
-        exchange = Exchange(target, until=until, count=count, idle=idle, max_reply=MAX_EXCHANGE_REPLY)
-        entry.track(exchange, target)
         tunnel = entry.tunnel
         if tunnel.ended:
             raise HttpError(503, "agent_offline", f"the agent of account {account!r} disconnected")
+        limit = self.stream_limit_error(entry)
+        if limit is not None:
+            raise limit
+        exchange = Exchange(target, until=until, count=count, idle=idle, max_reply=max_reply)
+        entry.track(exchange, target)
         sid = tunnel.open(target, exchange)
         exchange.bind(tunnel, sid)
+        # Every way out of this block must end the stream, or the desktop
+        # application's connection stays open: a failed or timed-out
+        # exchange, and a client that disconnects (its task is cancelled).
+        completed = False
         try:
             if request.body:
                 exchange.bytes_to_desktop += len(request.body)
                 tunnel.send_data(sid, request.body)
             reply = await asyncio.wait_for(asyncio.shield(exchange.done), timeout)
+            completed = True
         except ExchangeError as exc:
             failure = exc.failure
             raise HttpError(failure.status, failure.code, failure.message) from None
         except asyncio.TimeoutError:
-            tunnel.reset(sid, ErrorCode.CANCELLED, "exchange timed out")
             raise HttpError(504, "timed_out", f"no complete reply from target {target!r} within {timeout:g} s") from None
         finally:
             entry.untrack(exchange)
+            if not completed:
+                tunnel.reset(sid, ErrorCode.CANCELLED, "the exchange ended without a complete reply")
         finish_stream(tunnel, sid)
         return HttpResponse(200, reply, "application/octet-stream", [("Deskbridge-Stream", str(sid))])
 
@@ -640,6 +794,17 @@ def _reject(link: WsLink, error: HttpError) -> None:
     if error.status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
     link.respond(response)
+
+
+def _check_handshake(link: WsLink, ws_request: WsRequest) -> None:
+    """Raise HttpError if the WebSocket handshake request is invalid, before any stream opens for it."""
+    protocol = link.protocol
+    assert isinstance(protocol, ServerProtocol)
+    # accept() only builds the response; nothing is sent until respond().
+    response = protocol.accept(ws_request)
+    if response.status_code != 101:
+        detail = bytes(response.body).decode("utf-8", "replace").strip() or response.reason_phrase
+        raise HttpError(response.status_code, "invalid_handshake", f"invalid WebSocket handshake: {detail}")
 
 
 def _bearer(request: HttpRequest) -> str | None:

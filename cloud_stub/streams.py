@@ -118,6 +118,9 @@ class WebSocketStream:
         link.set_message_handler(self._on_client_message)
         link.on_close = self._on_client_close
         link.on_writable = self._on_writable
+        # Until the stream opens there is nowhere to send data, and the
+        # websockets parser would buffer whatever the client sends.
+        link.pause_reading()
 
     def bind(self, tunnel: Tunnel, stream_id: int) -> None:
         self.tunnel = tunnel
@@ -133,6 +136,8 @@ class WebSocketStream:
         del response.headers["Content-Type"]
         response.headers["Content-Type"] = "application/json"
         self.link.respond(response)
+        # Read again so that the client's close is seen without waiting for the close timer.
+        self.link.resume_reading()
         self._finish()
 
     # Tunnel side ---------------------------------------------------------------
@@ -141,6 +146,7 @@ class WebSocketStream:
         protocol = self.link.protocol
         assert isinstance(protocol, ServerProtocol)
         self.link.respond(protocol.accept(self.request))
+        self.link.resume_reading()
 
     def on_open_failed(self, code: int, reason: str) -> None:
         self.reject(describe_open_failure(code, reason, self.target))

@@ -4,6 +4,9 @@ A sign-in starts a token *family*. Every refresh marks the presented refresh
 token as used and issues a new one in the same family. Presenting a used token
 again means two parties hold it (a copy was stolen, or a client lost an
 update), so the whole family is revoked and the person must sign in again.
+The one exception is a retry: a used token presented again within 60 s while
+its successor was never used. The client most likely lost the response, so
+the unused successor is replaced instead.
 This follows the refresh token rotation advice of the OAuth 2.0 Security Best
 Current Practice (RFC 9700, section 4.14.2).
 
@@ -31,6 +34,9 @@ logger = logging.getLogger(__name__)
 # Used tokens kept per family to detect reuse; older ones are forgotten, and
 # presenting one of those is rejected as unknown without revoking the family.
 USED_TOKENS_KEPT = 32
+# A used token presented again within this time, while its successor is still
+# unused, is a retry after a lost response rather than theft.
+RETRY_WINDOW_S = 60.0
 # Keys (user names, addresses) the limiter tracks at once; the oldest go first.
 LIMITER_MAX_KEYS = 10_000
 
@@ -48,6 +54,8 @@ class _TokenRecord:
     family: str
     expires_at: float
     used_at: float | None = None
+    # Hash of the token this one was rotated into.
+    successor: str | None = None
 
 
 @dataclass(slots=True)
@@ -99,6 +107,14 @@ class RefreshTokenStore:
         family = self._families.get(record.family)
         if family is None or family.revoked:
             raise RefreshError("this sign-in was revoked")
+        if record.used_at is not None and self._is_retry(record):
+            # The client never received the successor (the response was
+            # lost), so it retries with the same token: replace the unused
+            # successor instead of treating the retry as theft.
+            assert record.successor is not None
+            del self._tokens[record.successor]
+            record.used_at = time.time()
+            return self._issue(record.family, record)
         if record.used_at is not None:
             family.revoked = True
             self._save()
@@ -107,7 +123,15 @@ class RefreshTokenStore:
         if record.expires_at < time.time():
             raise RefreshError("refresh token has expired")
         record.used_at = time.time()
-        return self._issue(record.family)
+        return self._issue(record.family, record)
+
+    def _is_retry(self, record: _TokenRecord) -> bool:
+        """Tell whether reusing ``record`` is a retry: recent, and its successor never used."""
+        if record.used_at is None or record.successor is None:
+            return False
+        successor = self._tokens.get(record.successor)
+        recent = time.time() - record.used_at <= RETRY_WINDOW_S
+        return recent and successor is not None and successor.used_at is None
 
     def revoke(self, token: str) -> str | None:
         """Revoke the family of ``token``; return the family id, or None if unknown."""
@@ -128,10 +152,12 @@ class RefreshTokenStore:
         entry = self._families.get(family)
         return entry.account if entry is not None else None
 
-    def _issue(self, family: str) -> IssuedRefresh:
+    def _issue(self, family: str, predecessor: _TokenRecord | None = None) -> IssuedRefresh:
         token = secrets.token_urlsafe(32)
         expires_at = time.time() + self.ttl
         self._tokens[_hash(token)] = _TokenRecord(family, expires_at)
+        if predecessor is not None:
+            predecessor.successor = _hash(token)
         self._prune(family)
         self._save()
         return IssuedRefresh(token, self._families[family].account, family, expires_at)
@@ -154,7 +180,9 @@ class RefreshTokenStore:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             for key, item in data.get("tokens", {}).items():
-                self._tokens[key] = _TokenRecord(str(item["family"]), float(item["expires_at"]), item.get("used_at"))
+                self._tokens[key] = _TokenRecord(
+                    str(item["family"]), float(item["expires_at"]), item.get("used_at"), item.get("successor")
+                )
             for name, item in data.get("families", {}).items():
                 self._families[name] = _Family(str(item["account"]), float(item["created_at"]), bool(item["revoked"]))
         except FileNotFoundError:
@@ -168,7 +196,10 @@ class RefreshTokenStore:
         if self.path is None:
             return
         data: dict[str, Any] = {
-            "tokens": {k: {"family": r.family, "expires_at": r.expires_at, "used_at": r.used_at} for k, r in self._tokens.items()},
+            "tokens": {
+                k: {"family": r.family, "expires_at": r.expires_at, "used_at": r.used_at, "successor": r.successor}
+                for k, r in self._tokens.items()
+            },
             "families": {k: {"account": f.account, "created_at": f.created_at, "revoked": f.revoked} for k, f in self._families.items()},
         }
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

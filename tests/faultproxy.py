@@ -5,7 +5,8 @@ connection with a TCP reset, or blackhole: drop everything in both directions
 without closing anything, the way a sleeping laptop or a middlebox that lost
 its state does. Connections that lived through a blackhole stay dead after it
 ends, because the bytes dropped meanwhile cannot be delivered any more; new
-connections work again.
+connections work again. ``lose_reply_to`` loses one reply instead: the request
+reaches the server, and the client's connection is reset once the reply starts.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ class FaultProxy:
         self.blackholed = False
         self.connections_accepted = 0
         self.cuts = 0
+        # The next new connection whose first bytes start with this prefix
+        # gets no reply, and the prefix is cleared after that.
+        self.lose_reply_to: bytes | None = None
+        self.replies_lost = 0
         self._connections: set[_Connection] = set()
         self._server: asyncio.Server | None = None
 
@@ -117,6 +122,17 @@ class FaultProxy:
                 _reset(writer)
                 return
             connection.upstream = up_writer
+            if self.lose_reply_to is not None:
+                first = await reader.read(CHUNK)
+                up_writer.write(first)
+                if first.startswith(self.lose_reply_to):
+                    self.lose_reply_to = None
+                    # The rest of the request (a body after the head) still goes upstream.
+                    connection.tasks = [asyncio.ensure_future(self._pipe(connection, reader, up_writer))]
+                    await up_reader.read(CHUNK)
+                    self.replies_lost += 1
+                    self._kill(connection)
+                    return
             connection.tasks = [
                 asyncio.ensure_future(self._pipe(connection, reader, up_writer)),
                 asyncio.ensure_future(self._pipe(connection, up_reader, writer)),

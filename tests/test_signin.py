@@ -106,11 +106,32 @@ async def test_refresh_reuse_revokes_family(start_relay):
     assert first.refresh_token is not None
     second = await auth.refresh(relay.url, first.refresh_token)
     assert second.refresh_token is not None
+    third = await auth.refresh(relay.url, second.refresh_token)
+    assert third.refresh_token is not None
 
+    # The first token's successor was used, so this is not a retry but theft.
     with pytest.raises(SignInError, match="already used"):
         await auth.refresh(relay.url, first.refresh_token)
     with pytest.raises(SignInError, match="revoked"):
-        await auth.refresh(relay.url, second.refresh_token)
+        await auth.refresh(relay.url, third.refresh_token)
+
+
+async def test_refresh_retry_replaces_successor(start_relay):
+    relay = await start_relay()
+    first = await auth.login(relay.url, ACCOUNT, PASSWORD)
+    assert first.refresh_token is not None
+    lost = await auth.refresh(relay.url, first.refresh_token)
+    assert lost.refresh_token is not None
+
+    # The response carrying "lost" never arrived; the client retries.
+    retried = await auth.refresh(relay.url, first.refresh_token)
+    assert retried.refresh_token is not None
+    assert retried.refresh_token != lost.refresh_token
+
+    with pytest.raises(SignInError, match="unknown"):
+        await auth.refresh(relay.url, lost.refresh_token)
+    renewed = await auth.refresh(relay.url, retried.refresh_token)
+    assert renewed.account == ACCOUNT
 
 
 async def test_logout_revokes_and_disconnects(start_relay, start_agent, echo_port):

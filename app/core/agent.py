@@ -393,7 +393,7 @@ class Agent:
         if code in (CloseCode.TOKEN_EXPIRED, CloseCode.TOKEN_REJECTED, CloseCode.SIGNED_OUT):
             self.tokens.invalidate()
         if code == CloseCode.SIGNED_OUT:
-            raise SignInError(f"signed out by the relay: {reason}; sign in again with 'deskbridge login'")
+            raise SignInError("the relay signed this agent out; sign in again with 'deskbridge login'")
         if code == CloseCode.SESSION_REPLACED:
             # A live session was replaced, so another agent uses this device
             # name; reconnecting at once would make the two evict each other.
@@ -481,7 +481,9 @@ class Agent:
             self._record(TrafficRecord(now(), Kind.ERROR, stream_id, name, detail=reason))
             tunnel.reject(stream_id, ErrorCode.UNKNOWN_TARGET, reason)
             return
-        bridge = SocketBridge(target=name, inbound=Direction.TO_DESKTOP, traffic=self.traffic, label="desktop application")
+        bridge = SocketBridge(
+            target=name, inbound=Direction.TO_DESKTOP, traffic=self.traffic, label="desktop application", hold_reading=True
+        )
         tunnel.attach(stream_id, bridge)
         bridge.bind(tunnel, stream_id)
         task = asyncio.ensure_future(self._connect_stream(tunnel, stream_id, bridge, target))
@@ -503,6 +505,7 @@ class Agent:
                 bridge.transport.close()
             return
         tunnel.accept(stream_id, bridge)
+        bridge.release()
         logger.debug("stream %d connected to %s", stream_id, target.address)
 
     # Helpers -----------------------------------------------------------------

@@ -5,10 +5,13 @@ sockets. Each direction is tracked on its own: the socket's EOF becomes a FIN
 on the stream and the stream's FIN becomes a TCP half-close (``write_eof``),
 so a half-closed connection is never turned into a reset.
 
-Reading uses ``asyncio.BufferedProtocol`` with one reused 64 KiB buffer, so a
-socket read costs no allocation; the session copies each chunk once, into the
-frame it sends. Reading pauses when the stream's send credit runs out and
-resumes on ``on_credit``. Bytes from the tunnel are written to the socket and
+Reading uses ``asyncio.BufferedProtocol`` with one 256 KiB buffer shared by
+every bridge of a thread, so a socket read costs no allocation and an open
+stream costs no buffer memory; the session copies each chunk once, into the
+frames it sends. A read takes at most the stream's send credit, or one DATA
+frame when the credit is smaller, so reads above 64 KiB never add to the
+session's backlog. Reading pauses when the credit runs out and resumes on
+``on_credit``. Bytes from the tunnel are written to the socket and
 credit is granted back only while the socket's write buffer is below its
 high-water mark, so a slow reader holds at most one window plus that buffer.
 """
@@ -19,6 +22,8 @@ import asyncio
 import logging
 import os
 import socket
+import threading
+import struct
 
 from .errors import describe_os_error
 from .frames import MAX_DATA_PAYLOAD, ErrorCode
@@ -31,6 +36,39 @@ WRITE_HIGH_WATER = 256 * 1024
 # How often a socket whose reading is paused is checked for a reset.
 PAUSED_SOCKET_CHECK_S = 1.0
 WRITE_LOW_WATER = 64 * 1024
+# Largest socket read. Reads above one DATA frame save system calls and event
+# loop iterations when a stream is busy; the session splits them into frames.
+READ_SIZE = 4 * MAX_DATA_PAYLOAD
+
+_read_buffers = threading.local()
+
+
+def _shared_read_buffer() -> memoryview:
+    """Return the read buffer of the calling thread's bridges.
+
+    Sharing is safe because asyncio fills the buffer and calls
+    ``buffer_updated`` with no other callback in between, and
+    ``buffer_updated`` copies whatever it keeps.
+    """
+    view: memoryview | None = getattr(_read_buffers, "view", None)
+    if view is None:
+        view = _read_buffers.view = memoryview(bytearray(READ_SIZE))
+    return view
+
+
+def abort_with_reset(transport: asyncio.Transport) -> None:
+    """Close a socket with a TCP RST, so its peer sees the failure instead of a clean EOF.
+
+    ``transport.abort()`` alone closes the socket normally, which sends a FIN
+    and makes a cut-short transfer look complete.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
 
 
 class SocketBridge(asyncio.BufferedProtocol):
@@ -43,6 +81,7 @@ class SocketBridge(asyncio.BufferedProtocol):
         inbound: Direction,
         traffic: TrafficSink | None = None,
         label: str = "socket",
+        hold_reading: bool = False,
     ) -> None:
         self.target = target
         self.label = label
@@ -58,12 +97,15 @@ class SocketBridge(asyncio.BufferedProtocol):
         self._outbound = Direction.TO_CLOUD if inbound is Direction.TO_DESKTOP else Direction.TO_DESKTOP
         self._traffic = traffic
         self._record_data = traffic is not None and traffic.wants_data
-        self._buffer = bytearray(MAX_DATA_PAYLOAD)
-        self._view = memoryview(self._buffer)
+        self._view = _shared_read_buffer()
 
+        # The side that accepts a stream must send OPENED before any DATA,
+        # so its socket is not read until ``release`` (after the accept).
+        self._holding = hold_reading
         self._pending: list[memoryview] = []
         self._end_pending = False
         self._reading_paused = False
+        self._paused_check: asyncio.TimerHandle | None = None
         self._writing_paused = False
         self._unconsumed = 0
         self._socket_eof = False
@@ -85,6 +127,8 @@ class SocketBridge(asyncio.BufferedProtocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        if self._holding:
+            transport.pause_reading()
         pending, self._pending = self._pending, []
         for chunk in pending:
             self._write(chunk)
@@ -92,8 +136,19 @@ class SocketBridge(asyncio.BufferedProtocol):
             self._end_pending = False
             self._write_eof()
 
+    def release(self) -> None:
+        """Start reading the socket once the stream was accepted."""
+        self._holding = False
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and not self._reading_paused:
+            transport.resume_reading()
+
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._view
+        tunnel = self.tunnel
+        credit = tunnel.session.send_credit(self.stream_id) if tunnel is not None else 0
+        if credit >= READ_SIZE:
+            return self._view
+        return self._view[: max(credit, MAX_DATA_PAYLOAD)]
 
     def buffer_updated(self, nbytes: int) -> None:
         tunnel = self.tunnel
@@ -114,7 +169,10 @@ class SocketBridge(asyncio.BufferedProtocol):
 
         asyncio stops polling a socket whose reading is paused, so a peer that
         resets the connection while the stream waits for credit would go
-        unnoticed until the credit came back, which may be never.
+        unnoticed until the credit came back, which may be never. The socket
+        is checked when reading pauses and then every PAUSED_SOCKET_CHECK_S
+        while it stays paused. A busy stream pauses thousands of times a
+        second, so one timer per bridge covers all of its pauses.
         """
         if not self._reading_paused or self.transport is None or self.transport.is_closing():
             return
@@ -124,7 +182,12 @@ class SocketBridge(asyncio.BufferedProtocol):
             self.transport.abort()
             self.connection_lost(OSError(error, os.strerror(error)))
             return
-        asyncio.get_running_loop().call_later(PAUSED_SOCKET_CHECK_S, self._watch_paused_socket)
+        if self._paused_check is None:
+            self._paused_check = asyncio.get_running_loop().call_later(PAUSED_SOCKET_CHECK_S, self._on_paused_check)
+
+    def _on_paused_check(self) -> None:
+        self._paused_check = None
+        self._watch_paused_socket()
 
     def eof_received(self) -> bool:
         self._socket_eof = True
@@ -169,7 +232,7 @@ class SocketBridge(asyncio.BufferedProtocol):
     def on_open_failed(self, code: int, reason: str) -> None:
         self._finish(Kind.ERROR, reason)
         if self.transport is not None:
-            self.transport.abort()
+            abort_with_reset(self.transport)
 
     def on_data(self, data: memoryview) -> None:
         size = len(data)
@@ -198,7 +261,7 @@ class SocketBridge(asyncio.BufferedProtocol):
             # it before closing instead of discarding it with a reset.
             transport.close()
         else:
-            transport.abort()
+            abort_with_reset(transport)
 
     def on_closed(self) -> None:
         self._finish(Kind.CLOSED, "")
@@ -218,7 +281,7 @@ class SocketBridge(asyncio.BufferedProtocol):
             self.tunnel.reset(self.stream_id, ErrorCode.CANCELLED, reason)
         self._finish(Kind.ERROR, reason)
         if self.transport is not None:
-            self.transport.abort()
+            abort_with_reset(self.transport)
 
     def _write(self, data: memoryview) -> None:
         size = len(data)
@@ -242,8 +305,16 @@ class SocketBridge(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if transport.can_write_eof():
+        if not transport.can_write_eof():
+            return
+        try:
             transport.write_eof()
+        except OSError as exc:
+            # shutdown() fails when the peer reset the socket before asyncio
+            # noticed. Raised here it would escape into the tunnel's
+            # WebSocket callback and take down every stream of the session.
+            transport.abort()
+            self.connection_lost(exc)
 
     def _emit(self, kind: Kind, direction: Direction | None = None, size: int = 0, preview: bytes = b"", detail: str = "") -> None:
         if self._traffic is None:

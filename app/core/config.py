@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import re
 import socket
@@ -21,7 +22,27 @@ from urllib.parse import urlsplit
 from .errors import ConfigError
 
 CONFIG_FILE = "config.json"
-TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+# Device names travel in an HTTP header, so they are ASCII.
+DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}\Z")
+
+
+def validate_device_name(name: str) -> str:
+    """Return ``name`` if it is a valid device name, or raise ConfigError."""
+    if not DEVICE_NAME.match(name) or name != name.strip():
+        raise ConfigError(
+            f"invalid device name {name!r}: use 1 to 64 ASCII letters, digits, spaces, '.', '_' or '-', "
+            "starting with a letter or digit and not ending with a space"
+        )
+    return name
+
+
+def validate_seconds(value: float, what: str, *, allow_zero: bool = False) -> float:
+    """Return a finite, positive number of seconds (or 0 if allowed), or raise ConfigError."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        low = "0 or more" if allow_zero else "a positive number"
+        raise ConfigError(f"{what} must be {low} of seconds, not {value}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,15 +188,17 @@ class AgentConfig:
         config.relay_url = str(data.get("relay_url", ""))
         config.account = str(data.get("account", ""))
         config.device = str(data.get("device") or default_device_name())
+        try:
+            validate_device_name(config.device)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}; change it there or pass --device") from None
         for name in ("ping_interval", "ping_timeout", "grace"):
             if name in data:
                 try:
                     value = float(data[name])
                 except (TypeError, ValueError):
                     raise ConfigError(f"{source}: '{name}' must be a number of seconds") from None
-                if value <= 0 and name != "grace" or value < 0:
-                    raise ConfigError(f"{source}: '{name}' must be positive")
-                setattr(config, name, value)
+                setattr(config, name, validate_seconds(value, f"{source}: '{name}'", allow_zero=name == "grace"))
         for name in ("proxy_mode", "proxy_url", "proxy_username", "ca_file", "pin_sha256"):
             if name in data:
                 if not isinstance(data[name], str):

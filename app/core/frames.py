@@ -89,6 +89,8 @@ class CloseCode(enum.IntEnum):
     GOING_AWAY = 1001
     PROTOCOL_ERROR = 1002
     UNSUPPORTED_DATA = 1003
+    # The peer broke a limit of this side, such as the relay's cap on unacknowledged data.
+    POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     # Application codes, 4000-4999 (RFC 6455, section 7.4.2).

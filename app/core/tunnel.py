@@ -55,10 +55,10 @@ CONNECTION_LOST = 1006
 class Tunnel:
     """One tunnel session over a WebSocket connection, resumable on a new one.
 
-    With a ``grace`` period above 0, a connection that is lost without a
-    closing handshake only detaches the tunnel: streams and their sockets stay
-    open, new frames wait in the session's resend log, and ``resume_on`` picks
-    up on a new connection. If no new connection comes within the grace
+    With a ``grace`` period above 0, losing a connection without a closing
+    handshake only detaches the tunnel. Streams and their sockets stay open,
+    new frames wait in the session's resend log, and ``resume_on`` continues
+    on a new connection. If no new connection comes within the grace
     period, every stream is reset.
     """
 
@@ -74,6 +74,7 @@ class Tunnel:
         on_detach: Callable[[int, str], None] | None = None,
         grace: float = 0.0,
         label: str = "tunnel",
+        buffer_limit: int = 0,
     ) -> None:
         self.session = session
         self.link = link
@@ -87,6 +88,9 @@ class Tunnel:
         self._on_auth = on_auth
         self._on_detach = on_detach
         self.grace = grace
+        # Largest resend log, in bytes, before the session is closed; 0 turns the check off.
+        self.buffer_limit = buffer_limit
+        self._over_limit = False
         self.detached = False
         self.resumes = 0
         self.bytes_resent = 0
@@ -109,6 +113,22 @@ class Tunnel:
         out = self.session.data_to_send()
         if out and not self.detached:
             self.link.send_many(out)
+        if self.buffer_limit and self.session.unacked_bytes > self.buffer_limit and not self._over_limit:
+            # Close from the event loop: flush runs inside stream handlers,
+            # which must not see the tunnel end under them.
+            self._over_limit = True
+            asyncio.get_running_loop().call_soon(self._close_over_limit)
+
+    def _close_over_limit(self) -> None:
+        size = self.session.unacked_bytes
+        logger.warning(
+            "%s: the peer has not acknowledged %d bytes, above the limit of %d; closing the session",
+            self.label, size, self.buffer_limit,
+        )
+        self.close(
+            CloseCode.POLICY_VIOLATION,
+            f"{size} bytes sent and not acknowledged, above the relay's limit of {self.buffer_limit}",
+        )
 
     # Resumption --------------------------------------------------------------
 
@@ -190,7 +210,7 @@ class Tunnel:
             self.flush()
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
-        """Send data; a result of 0 or less asks the caller to pause reading."""
+        """Send data; a result of 0 or less means the caller should pause reading."""
         credit = self.session.send_data(stream_id, data)
         self.flush()
         return credit
@@ -222,7 +242,14 @@ class Tunnel:
 
     def _on_message(self, message: Message) -> None:
         events = self.session.receive(message)
-        self._dispatch(events)
+        try:
+            self._dispatch(events)
+        except Exception:
+            # Let through, the error would fail the WebSocket transport (1006),
+            # and a resumed session would replay the same frame into the same bug.
+            logger.exception("%s: a stream handler failed; ending the session", self.label)
+            self.close(CloseCode.INTERNAL_ERROR, "internal error while handling a tunnel frame")
+            return
         self.flush()
         if self.session.ack_pending and self._ack_timer is None and not self.ended:
             self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY_S, self._send_ack)
