@@ -9,6 +9,8 @@ import struct
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
+from app.core.agent import AgentState
+from app.core.backoff import Backoff
 from app.core.config import validate_device_name
 from app.core.errors import ConfigError
 from tests.conftest import ACCOUNT, API_KEY
@@ -173,3 +175,16 @@ def test_abort_with_reset_sends_rst():
         client.recv(10)
     client.close()
     server.close()
+
+
+async def test_check_connection_skips_backoff(start_relay, start_agent, echo_port):
+    relay = await start_relay()
+    port = relay.relay.port
+    handle = await start_agent(relay.url, {"echo": ("127.0.0.1", echo_port)}, backoff=Backoff(base=60, cap=60))
+    await relay.relay.stop()
+    await wait_until(lambda: handle.agent.status.state is AgentState.WAITING, "the agent to wait out its backoff")
+    await start_relay(port=port)
+
+    await handle.agent.check_connection("after the network changed")
+
+    await wait_until(lambda: handle.agent.status.state is AgentState.CONNECTED, "the agent to reconnect at once")

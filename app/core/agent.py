@@ -220,12 +220,20 @@ class Agent:
             if jump < CLOCK_JUMP_S:
                 continue
             logger.info("the clock jumped %.0f s ahead, so the machine probably slept; checking the connection", jump)
-            self.wake()
-            tunnel = self.tunnel
-            if tunnel is not None and not tunnel.detached and not tunnel.ended:
-                link = tunnel.link
-                if not await link.check_alive(self.ping_timeout):
-                    link.drop("no answer to a ping after waking from sleep")
+            await self.check_connection("after waking from sleep")
+
+    async def check_connection(self, why: str) -> None:
+        """Retry at once if waiting, or ping the relay and drop a link that does not answer.
+
+        The window calls this when the OS reports that the network came back;
+        the clock watcher calls it after sleep.
+        """
+        self.wake()
+        tunnel = self.tunnel
+        if tunnel is not None and not tunnel.detached and not tunnel.ended:
+            link = tunnel.link
+            if not await link.check_alive(self.ping_timeout):
+                link.drop(f"no answer to a ping {why}")
 
     async def _run_loop(self) -> None:
         while not self._stopping:

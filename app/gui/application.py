@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from PySide6.QtNetwork import QNetworkInformation
 from PySide6.QtWidgets import QSystemTrayIcon
 
 from app.core.autostart import Autostart
@@ -75,6 +76,18 @@ class GuiApp:
             self.tray.quit_requested.connect(controller.request_quit)
         if self.instance is not None:
             self.instance.show_requested.connect(self.window.bring_to_front)
+        self._watch_network()
+
+    def _watch_network(self) -> None:
+        """Tell the controller when the OS reports the network back, so it retries at once."""
+        if not QNetworkInformation.loadDefaultBackend():
+            logger.info("no network information backend on this system; relying on the heartbeat")
+            return
+        info = QNetworkInformation.instance()
+        if info is None:
+            return
+        online = QNetworkInformation.Reachability.Online
+        info.reachabilityChanged.connect(lambda reachability: self.controller.network_changed(reachability == online))
 
     async def start(self, *, minimized: bool = False) -> None:
         """Show the window (or only the tray icon), load the settings and connect if signed in."""

@@ -253,6 +253,12 @@ class AppController(QObject):
             self.notice.emit(notice.title, notice.message)
         self.status_changed.emit()
 
+    def network_changed(self, online: bool) -> None:
+        """React to the OS reporting a network change: check the link or retry at once."""
+        if online and self.agent is not None and self.running:
+            logger.info("the network is back; checking the connection to the relay")
+            self.tasks.spawn(self.agent.check_connection("after the network changed"), name="network check")
+
     def connect_agent(self) -> None:
         """Connect with the current sign-in, or skip the wait if a retry is pending."""
         if self.running:

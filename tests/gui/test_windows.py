@@ -234,3 +234,24 @@ def test_demo_opens_connected_window(spawn, tmp_path):
     assert greeting.startswith(b"HELLO")
     assert demo.wait() == 0, demo.output()
     assert "Deskbridge window stopped" in demo.stderr.text
+
+
+
+def test_network_back_checks_link(make_gui, thread_relay, thread_echo_port, qloop, qtbot, monkeypatch):
+    """The OS reporting the network back makes the agent check its link at once."""
+    relay = thread_relay()
+    gui = make_gui(preset=signed_in_preset(qloop, relay.url, {"echo": Target("echo", "127.0.0.1", thread_echo_port)}))
+    qtbot.waitUntil(lambda: gui.controller.agent_status.state is AgentState.CONNECTED, timeout=WAIT_MS)
+    agent = gui.controller.agent
+    assert agent is not None
+    reasons: list[str] = []
+
+    async def record(why: str) -> None:
+        reasons.append(why)
+
+    monkeypatch.setattr(agent, "check_connection", record)
+
+    gui.controller.network_changed(True)
+
+    qtbot.waitUntil(lambda: bool(reasons), timeout=WAIT_MS)
+    assert reasons == ["after the network changed"]
