@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PySide6.QtCore import QObject, Signal
 
@@ -21,7 +21,7 @@ from app.core.auth import RelayTokens, logout
 from app.core.autostart import Autostart, autostart_for, launch_command
 from app.core.backoff import Backoff
 from app.core.config import AgentConfig, Target, load_config, save_config
-from app.core.credentials import CredentialStore, KeyringStore, MemoryStore
+from app.core.credentials import CredentialStore, KeyringStore, MemoryStore, proxy_entry
 from app.core.errors import CredentialError, HandshakeError, SignInError
 from app.core.net import connector_from_settings
 from app.core.models import (
@@ -103,6 +103,9 @@ class AppController(QObject):
         self.agent_status = AgentStatus(AgentState.SIGNED_OUT, "Sign in to connect.")
         self.error = ""
         self.store: CredentialStore | None = None
+        # Password of the proxy user in the config, read from the OS keyring at
+        # start or set in the settings. It is "" when none is saved.
+        self.proxy_password = ""
         self.started = False
         self._preset = preset
         self._backoff_factory = backoff_factory
@@ -148,6 +151,7 @@ class AppController(QObject):
             self.config = await asyncio.to_thread(load_config, self.dirs.config)
         self.settings = await asyncio.to_thread(load_gui_settings, self.dirs.config)
         self.autostart_enabled = await asyncio.to_thread(self.autostart.is_enabled)
+        self.proxy_password = await self._saved_proxy_password(self.config)
         self.history.resize(self.settings.history_events)
         self.health.set_targets(self.config.targets.values())
         self.started = True
@@ -182,6 +186,19 @@ class AppController(QObject):
             return None
         return self.keyring if token else None
 
+    async def _saved_proxy_password(self, config: AgentConfig) -> str:
+        """Return the proxy user's password from the keyring, or "" if none is saved or the keyring fails."""
+        if not config.proxy_username:
+            return ""
+        try:
+            password = await self.keyring.get(proxy_entry(config.proxy_url), config.proxy_username)
+        except CredentialError as exc:
+            logger.warning("cannot read the password of proxy user %s: %s", config.proxy_username, exc)
+            return ""
+        if not password and config.proxy_mode == "manual":
+            logger.warning("no password is saved for proxy user %s; enter it in the settings if the proxy needs one", config.proxy_username)
+        return password or ""
+
     async def shutdown(self) -> None:
         """Stop probing and the agent and end every window task; the controller is done afterwards."""
         self._closing = True
@@ -203,10 +220,8 @@ class AppController(QObject):
         self.error = ""
         self.problems.clear()
         self._was_connected = False
-        # NOTE: the window has no fields for a manual proxy, CA file or pin yet;
-        # it applies what the config file holds, without a proxy password.
         connector = connector_from_settings(
-            config.proxy_mode, config.proxy_url, config.proxy_username, "", config.ca_file, config.pin_sha256
+            config.proxy_mode, config.proxy_url, config.proxy_username, self.proxy_password, config.ca_file, config.pin_sha256
         )
         agent = Agent(
             relay_url=config.relay_url,
@@ -332,7 +347,9 @@ class AppController(QObject):
         if old_store is not None and not (same_entry and old_store is store):
             await self._revoke(old_store, old_config.relay_url, old_config.account)
 
-        config = AgentConfig(result.relay_url, result.account, result.device, dict(result.targets))
+        config = replace(
+            old_config, relay_url=result.relay_url, account=result.account, device=result.device, targets=dict(result.targets)
+        )
         if self._preset is None:
             await asyncio.to_thread(save_config, self.dirs.config, config)
         self.settings.remember_sign_in = result.remember
@@ -341,11 +358,19 @@ class AppController(QObject):
         self._start_agent(store)
         return warning
 
-    async def apply_settings(self, config: AgentConfig, settings: GuiSettings) -> None:
-        """Save changed settings and apply them; a new relay needs a new sign-in."""
+    async def apply_settings(self, config: AgentConfig, settings: GuiSettings, proxy_password: str | None = None) -> str:
+        """Save changed settings and apply them; a new relay needs a new sign-in.
+
+        ``proxy_password`` (None keeps the current one) goes to the OS keyring.
+        Returns a warning for the person if the keyring could not keep it.
+        """
         old = self.config
+        if proxy_password is None:
+            proxy_password = self.proxy_password
         relay_changed = (config.relay_url, config.account) != (old.relay_url, old.account)
-        agent_changed = relay_changed or config.device != old.device or config.targets != old.targets
+        network_changed = network_settings(config) != network_settings(old) or proxy_password != self.proxy_password
+        agent_changed = relay_changed or network_changed or config.device != old.device or config.targets != old.targets
+        warning = await self._save_proxy_password(old, config, proxy_password) if network_changed else ""
 
         if settings.start_at_login != self.autostart_enabled:
             if settings.start_at_login:
@@ -375,6 +400,32 @@ class AppController(QObject):
             logger.info("settings changed; reconnecting with the new settings")
             await self._stop_agent()
             self._start_agent(self.store)
+        return warning
+
+    async def _save_proxy_password(self, old: AgentConfig, config: AgentConfig, password: str) -> str:
+        """Save the proxy user's password in the keyring and keep it here; return a warning if the keyring failed.
+
+        The keyring entry belongs to the proxy URL and user, whatever the proxy
+        mode. An empty password, or a proxy URL or user that changed, deletes
+        the entry that is no longer used.
+        """
+        new_entry = (config.proxy_url, config.proxy_username) if config.proxy_username else None
+        old_entry = (old.proxy_url, old.proxy_username) if old.proxy_username else None
+        self.proxy_password = password if new_entry is not None else ""
+        stale = [entry for entry in (old_entry, new_entry) if entry is not None and (entry != new_entry or not password)]
+        for url, username in dict.fromkeys(stale):
+            try:
+                await self.keyring.delete(proxy_entry(url), username)
+            except CredentialError as exc:
+                logger.warning("cannot delete the saved password of proxy user %s: %s", username, exc)
+        if new_entry is None or not password:
+            return ""
+        try:
+            await self.keyring.set(proxy_entry(config.proxy_url), config.proxy_username, password)
+        except CredentialError as exc:
+            logger.warning("keeping the password of proxy user %s for this run only: %s", config.proxy_username, exc)
+            return f"The proxy password lasts until Deskbridge quits, because the OS keyring could not save it. {exc}"
+        return ""
 
     def _apply_config(self, config: AgentConfig) -> None:
         self.config = config
@@ -402,3 +453,8 @@ class AppController(QObject):
                 await asyncio.wait_for(self._probe_wake.wait(), self._probe_interval)
             except asyncio.TimeoutError:
                 pass
+
+
+def network_settings(config: AgentConfig) -> tuple[str, str, str, str, str]:
+    """Return the settings that shape the agent's connections to the relay."""
+    return (config.proxy_mode, config.proxy_url, config.proxy_username, config.ca_file, config.pin_sha256)
