@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test typecheck bench clean
+.PHONY: demo test typecheck bench clean package package-test
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -13,6 +13,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+PACKAGE_STAMP := $(VENV)/.installed-package
+$(PACKAGE_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,package]'
+	touch $(PACKAGE_STAMP)
 
 # Opens the window; `$(BIN)/python -m app.demo --headless` runs it without one.
 demo: $(STAMP)
@@ -25,5 +30,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_tunnel.py
 
+# The bundle and this OS's installers in dist/ (installer/build.py; docs/packaging.md).
+package: $(PACKAGE_STAMP)
+	$(BIN)/python installer/build.py
+
+# Builds with make package, then tests the bundle, the .deb and the NSIS script (Linux, as root for dpkg).
+package-test: $(PACKAGE_STAMP)
+	DESKBRIDGE_PACKAGING_TESTS=1 $(BIN)/python -m pytest -q tests/test_packaging.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

@@ -16,7 +16,7 @@ Checks, each printed as PASS or FAIL with its detail:
 ``--self-test`` runs all four and exits 0 only when all pass.
 ``--self-test startup`` opens the real window with settings in a temp
 folder, prints the monotonic clock when the window is first painted, and
-quits; ``installer/measure_startup.py`` turns that into a launch time.
+quits. ``installer/measure_startup.py`` turns that into a launch time.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ STARTUP_MARKER = "window painted at monotonic"
 
 
 class CheckFailed(Exception):
-    """A self-test check failed; the message says what and how to fix it."""
+    """A self-test check failed; the message states what failed and how to fix it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +155,8 @@ def _count_openssl_defaults() -> str:
     """Count the CA certificates OpenSSL finds in its default locations or in a known bundle file.
 
     OpenSSL reads a hashed certificate folder lazily, so the count above is 0
-    on Debian; truststore then uses the first bundle file it knows, and so
-    does this count.
+    on Debian. truststore then loads the first bundle file on its list of
+    known paths, and so does this count.
     """
     paths = ssl.get_default_verify_paths()
     from truststore import _openssl
@@ -225,7 +225,7 @@ async def _expect_rejected_certificate() -> None:
     finally:
         server.close()
     transport.abort()
-    raise CheckFailed("the OS verifier accepted a self-signed certificate that nobody trusts; TLS verification is broken")
+    raise CheckFailed("the OS verifier accepted an untrusted self-signed certificate, so TLS verification does not work")
 
 
 def check_tls() -> str:
@@ -350,7 +350,7 @@ def measure_startup() -> int:
     app = QApplication.instance() or QApplication(sys.argv[:1])
 
     class FirstPaint(QObject):
-        """Prints the time of the main window's first paint, then asks the app to quit."""
+        """Prints the time of the main window's first paint, then requests the app to quit."""
 
         seen = False
 
