@@ -216,10 +216,11 @@ async def test_client_link_parses_frames_after_handshake_response(seed):
             server.send_binary(payload)
         else:
             server.send_ping(b"")
-    # The 101 answer and the first frames arrive together, as they often do.
+    # The 101 response and the first frames arrive together, as they often do.
     feed_in_pieces(link, b"".join(server.data_to_send()), rng)
 
-    assert link.handshake.done() and link.handshake.exception() is None
+    assert link.handshake.done()
+    assert link.handshake.exception() is None
     assert [bytes(message) for message in link._early] == expected
 
 

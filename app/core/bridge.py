@@ -6,9 +6,9 @@ on the stream and the stream's FIN becomes a TCP half-close (``write_eof``),
 so a half-closed connection is never turned into a reset.
 
 Reading uses ``asyncio.BufferedProtocol`` with one 256 KiB buffer shared by
-every bridge of a thread, so a socket read costs no allocation and an open
-stream costs no buffer memory; the session copies each chunk once, into the
-frames it sends. A read takes at most the stream's send credit, or one DATA
+every bridge of a thread. So a socket read costs no allocation, an open
+stream costs no buffer memory, and the session copies each chunk once, into
+the frames it sends. A read takes at most the stream's send credit, or one DATA
 frame when the credit is smaller, so reads above 64 KiB never add to the
 session's backlog. Reading pauses when the credit runs out and resumes on
 ``on_credit``. Bytes from the tunnel are written to the socket and
@@ -22,8 +22,8 @@ import asyncio
 import logging
 import os
 import socket
-import threading
 import struct
+import threading
 
 from .errors import describe_os_error
 from .frames import MAX_DATA_PAYLOAD, ErrorCode

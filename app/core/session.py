@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import struct
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -74,7 +75,13 @@ NUMBERED = frozenset(
 ACK_EVERY = 32
 
 _DATA = int(FrameType.DATA)
+_WINDOW = int(FrameType.WINDOW)
+_ACK = int(FrameType.ACK)
 _MAX_DATA_MESSAGE = frames.HEADER_SIZE + frames.MAX_DATA_PAYLOAD
+_WINDOW_MESSAGE = frames.HEADER_SIZE + 4
+_ACK_MESSAGE = frames.HEADER_SIZE + 8
+_U32 = struct.Struct("!I")
+_U64 = struct.Struct("!Q")
 
 
 class Role(enum.Enum):
@@ -283,21 +290,10 @@ class Session:
 
     def receive(self, message: bytes | bytearray | memoryview) -> list[Event]:
         """Process one WebSocket message and return the events it caused."""
-        size = len(message)
-        if self.state is SessionState.OPEN and frames.HEADER_SIZE < size <= _MAX_DATA_MESSAGE:
-            # DATA is nearly all traffic, so a DATA frame that passes every
-            # check of _on_data takes this shortcut with the same effects.
-            # Anything else, errors included, goes through the full path below.
-            kind, stream_id = frames.HEADER.unpack_from(message)
-            stream = self._streams.get(stream_id) if kind == _DATA else None
-            if stream is not None and not stream.fin_received and size - frames.HEADER_SIZE <= stream.receive_remaining:
-                size -= frames.HEADER_SIZE
-                self.received_count += 1
-                stream.receive_remaining -= size
-                self.bytes_received += size
-                if self.received_count - self._acked_received >= ACK_EVERY:
-                    self.send_ack()
-                return [DataReceived(stream_id, memoryview(message)[frames.HEADER_SIZE :])]
+        if self.state is SessionState.OPEN:
+            common = self._receive_common(message)
+            if common is not None:
+                return common
         if self.state is SessionState.FAILED:
             return []
         events: list[Event] = []
@@ -314,6 +310,49 @@ class Session:
         except (FrameError, _PeerError) as exc:
             code = getattr(exc, "close_code", CloseCode.PROTOCOL_ERROR)
             events.append(self._fail(code, str(exc)))
+        return events
+
+    def _receive_common(self, message: bytes | bytearray | memoryview) -> list[Event] | None:
+        """Handle a valid DATA, WINDOW or ACK frame, or return None to leave the message to the full path.
+
+        These three are nearly all traffic. The checks of _on_data,
+        _on_window and _on_ack are made here without building a Frame, with
+        the same effects. A frame that fails one of them, and every other
+        frame, goes through the full path in ``receive``, which reports the error.
+        """
+        size = len(message)
+        if not frames.HEADER_SIZE < size <= _MAX_DATA_MESSAGE:
+            return None
+        kind, stream_id = frames.HEADER.unpack_from(message)
+        events: list[Event]
+        if kind == _DATA:
+            stream = self._streams.get(stream_id)
+            size -= frames.HEADER_SIZE
+            if stream is None or stream.fin_received or size > stream.receive_remaining:
+                return None
+            self.received_count += 1
+            stream.receive_remaining -= size
+            self.bytes_received += size
+            events = [DataReceived(stream_id, memoryview(message)[frames.HEADER_SIZE :])]
+        elif kind == _WINDOW and size == _WINDOW_MESSAGE:
+            stream = self._streams.get(stream_id)
+            (increment,) = _U32.unpack_from(message, frames.HEADER_SIZE)
+            if stream is None or increment == 0 or stream.send_credit + increment > frames.MAX_WINDOW:
+                return None
+            self.received_count += 1
+            stream.send_credit += increment
+            events = []
+            self._credit_added(stream, events)
+        elif kind == _ACK and size == _ACK_MESSAGE and stream_id == 0:
+            (count,) = _U64.unpack_from(message, frames.HEADER_SIZE)
+            if count > self.sent_count:
+                return None
+            self._trim_log(count)
+            return []
+        else:
+            return None
+        if self.received_count - self._acked_received >= ACK_EVERY:
+            self.send_ack()
         return events
 
     def _handle(self, frame: frames.Frame, events: list[Event]) -> None:
@@ -442,6 +481,10 @@ class Session:
         stream.send_credit += increment
         if stream.send_credit > frames.MAX_WINDOW:
             raise _PeerError(f"WINDOW overflows the credit of stream {stream.id}")
+        self._credit_added(stream, events)
+
+    def _credit_added(self, stream: _Stream, events: list[Event]) -> None:
+        """Send what waited for credit, and report when the stream may send again."""
         if stream.backlog or stream.fin_queued and not stream.fin_sent:
             self._flush(stream)
         if not stream.backlog and not stream.fin_queued and stream.send_credit > 0:

@@ -3,9 +3,10 @@
 The agent and the relay both move tunnel frames through ``WsLink``, an
 ``asyncio.BufferedProtocol`` driven by callbacks with no coroutine per
 message: a binary message is handed to ``on_message`` as soon as it is parsed,
-and ``send_many`` writes frames straight to the transport. This keeps the hot
-path to plain callbacks, which matters because the tunnel's throughput is
-bounded by per-message overhead in Python.
+and ``send_many`` writes frames to the transport by the end of the event loop
+iteration (see ``_start_cork``). This keeps the hot path to plain callbacks,
+which matters because per-message overhead in Python is a large part of the
+tunnel's cost.
 
 The ``websockets`` library's sans-I/O protocol object runs the opening
 handshake, pings, the closing handshake and every error case. Binary
@@ -13,8 +14,8 @@ messages, which carry all tunnel traffic, are framed and parsed here instead,
 because the library's parser copies each payload twice through its buffer and
 builds several objects per frame. Every other frame (control frames,
 fragmented or oversized messages, anything invalid) goes to the library
-whole, so the library sees a sequence of complete frames and applies its own
-checks and state changes to them.
+whole, so the library receives a sequence of complete frames and applies its
+own checks and state changes to them.
 """
 
 from __future__ import annotations
@@ -57,9 +58,13 @@ _MASKED = 0x80
 _HEADER_7 = struct.Struct("!BB")
 _HEADER_16 = struct.Struct("!BBH")
 _HEADER_64 = struct.Struct("!BBQ")
-# Most bytes of small frames joined into one write (one system call).
+# Largest write made by joining small frames, which then cost one system call.
 JOIN_BYTES = 64 * 1024
 _MAX_HEADER = 14
+# Masking keys are sliced from os.urandom output fetched this many bytes at a
+# time, one system call per 1024 frames. RFC 6455 (section 5.3) requires keys
+# that a peer cannot predict, which holds for any slice of that output.
+_MASK_KEY_POOL = 4096
 _U16 = struct.Struct("!H")
 _U64 = struct.Struct("!Q")
 # Size of one socket read.
@@ -119,7 +124,7 @@ class WsLink(asyncio.BufferedProtocol):
         self._fragments_size = 0
         # Receiving: the library parses everything until the handshake is
         # done, then frames are parsed here (see _parse) unless the library
-        # already holds bytes past the handshake.
+        # already received bytes past the handshake.
         self._receive_view = _shared_receive_buffer()
         self._expect_masked = protocol.side is Side.SERVER
         self._head_seen = False
@@ -136,12 +141,14 @@ class WsLink(asyncio.BufferedProtocol):
         self._close_timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._loop = asyncio.get_running_loop()
-        # Frames written while a callback of this event loop iteration already
-        # wrote wait here, so that they go out in one system call; see _write.
+        # Frames that wait until the end of this event loop iteration, to go
+        # out in one system call; see _start_cork.
         self._corked = False
         self._cork: list[bytes] = []
         self._cork_size = 0
         self._eof_written = False
+        self._mask_keys = b""
+        self._mask_key_offset = 0
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._pings: dict[bytes, asyncio.Future[None]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
@@ -248,12 +255,20 @@ class WsLink(asyncio.BufferedProtocol):
             else:
                 head = _HEADER_64.pack(_FIN_BINARY, mask_bit | 127, length)
             if masked:
-                key = os.urandom(4)
+                key = self._mask_key()
                 self._write(head + key + apply_mask(message, key))
             else:
                 self._write(head + message)
         if started:
             self._flush_cork()
+
+    def _mask_key(self) -> bytes:
+        offset = self._mask_key_offset
+        if offset >= len(self._mask_keys):
+            self._mask_keys = os.urandom(_MASK_KEY_POOL)
+            offset = 0
+        self._mask_key_offset = offset + 4
+        return self._mask_keys[offset : offset + 4]
 
     def ping(self, payload: bytes) -> None:
         if self.protocol.state is State.OPEN:
@@ -679,8 +694,8 @@ def tune_allocator() -> None:
     """Make glibc keep freed tunnel buffers for reuse instead of returning them to the kernel.
 
     A busy stream allocates and frees 64 KiB buffers thousands of times a
-    second. glibc by default gives memory back whenever 128 KiB at the top of
-    its heap are free, so the next buffers are page-faulted in again; in
+    second. By default glibc gives memory back whenever 128 KiB at the top of
+    its heap are free, so the next buffers are page-faulted in again. In
     bench/bench_tunnel.py on 2 vCPUs that cost the agent about a sixth of its
     CPU time in a download. With this, up to 4 MiB of free heap is kept, and
     blocks of 1 MiB or more (such as scrypt's 16 MiB at sign-in) still come
@@ -713,7 +728,11 @@ def _parse_header(
     first = buffer[pos]
     second = buffer[pos + 1]
     length = second & 0x7F
-    size = 4 if length == 126 else 10 if length == 127 else 2
+    size = 2
+    if length == 126:
+        size = 4
+    elif length == 127:
+        size = 10
     if second & _MASKED:
         size += 4
     if end - pos < size:
