@@ -237,14 +237,13 @@ def load_config(config_dir: Path) -> AgentConfig:
     return AgentConfig.from_json(data, str(path))
 
 
-def save_config(config_dir: Path, config: AgentConfig) -> Path:
-    """Write the config atomically with mode 0600 and return its path."""
-    config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = config_path(config_dir)
-    fd, temp = tempfile.mkstemp(prefix=".config-", suffix=".json", dir=config_dir)
+def write_private_json(path: Path, data: Any) -> Path:
+    """Write JSON atomically (a temporary file, then rename) with mode 0600; return ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".json", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as file:
-            json.dump(config.to_json(), file, indent=2)
+            json.dump(data, file, indent=2)
             file.write("\n")
         os.chmod(temp, 0o600)
         os.replace(temp, path)
@@ -252,3 +251,8 @@ def save_config(config_dir: Path, config: AgentConfig) -> Path:
         Path(temp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_config(config_dir: Path, config: AgentConfig) -> Path:
+    """Write the config atomically with mode 0600 and return its path."""
+    return write_private_json(config_path(config_dir), config.to_json())

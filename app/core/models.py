@@ -21,8 +21,6 @@ import itertools
 import json
 import logging
 import math
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -32,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .agent import AgentState, AgentStatus
-from .config import Target
+from .config import Target, write_private_json
 from .traffic import PREVIEW_BYTES, Direction, Kind, TrafficRecord
 
 DEFAULT_HISTORY_EVENTS = 100_000
@@ -528,19 +526,7 @@ def load_gui_settings(config_dir: Path) -> GuiSettings:
 
 def save_gui_settings(config_dir: Path, settings: GuiSettings) -> Path:
     """Write the window settings atomically, readable only by the owner, and return the path."""
-    config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = config_dir / GUI_SETTINGS_FILE
-    fd, temp = tempfile.mkstemp(prefix=".gui-settings-", suffix=".json", dir=config_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            json.dump(settings.to_json(), file, indent=2)
-            file.write("\n")
-        os.chmod(temp, 0o600)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_private_json(config_dir / GUI_SETTINGS_FILE, settings.to_json())
 
 
 # Formatting -----------------------------------------------------------------------------
