@@ -186,7 +186,7 @@ async def _sign_in(args: argparse.Namespace, relay: str, username: str, connecto
 def _login_command(args: argparse.Namespace) -> int:
     """Run ``deskbridge login``; prompts happen outside the event loop, so Ctrl-C stops them at once."""
     relay = validate_relay_url(args.relay)
-    # Check the keyring first, so nobody types a password that cannot be kept.
+    # Check the keyring first, so a password is never typed in vain.
     KeyringStore().check_backend()
     password = _read_secret(args, f"Password for {args.username} at {relay}: ")
     if not password:
@@ -248,6 +248,8 @@ async def _logout(args: argparse.Namespace) -> int:
 def _merge_run_options(args: argparse.Namespace, config: AgentConfig) -> bool:
     """Apply command-line values to the config; return whether anything changed."""
     changed = False
+
+    # Account and device.
     if args.relay:
         config.relay_url = validate_relay_url(args.relay)
         changed = True
@@ -257,6 +259,8 @@ def _merge_run_options(args: argparse.Namespace, config: AgentConfig) -> bool:
     if args.device:
         config.device = validate_device_name(args.device)
         changed = True
+
+    # Network: proxy, TLS, heartbeat and resumption.
     if args.proxy is not None:
         if args.proxy in ("system", "none"):
             config.proxy_mode, config.proxy_url = args.proxy, ""
@@ -273,6 +277,8 @@ def _merge_run_options(args: argparse.Namespace, config: AgentConfig) -> bool:
         if value is not None:
             setattr(config, name, validate_seconds(value, f"--{name.replace('_', '-')}", allow_zero=name == "grace"))
             changed = True
+
+    # Targets: the allowlist, local unless a remote one is confirmed.
     if args.target:
         config.targets = {}
         for spec in args.target:
@@ -285,6 +291,7 @@ def _merge_run_options(args: argparse.Namespace, config: AgentConfig) -> bool:
             raise ConfigError(f"--allow-remote-target names {name!r}, which is not a target; add it with --target {name}=HOST:PORT")
         config.targets[name] = Target.create(existing.name, existing.host, existing.port, allow_remote=True)
         changed = True
+
     for target in config.targets.values():
         if not target.allow_remote and not target.is_loopback_host:
             raise ConfigError(
