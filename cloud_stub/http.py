@@ -2,7 +2,7 @@
 
 The websockets library parses only bodiless GET handshakes, and the REST API
 needs request bodies, so h11 (a sans-I/O HTTP/1.1 parser) reads every request
-first. A request that asks for a WebSocket upgrade is re-serialized and handed
+first. A request for a WebSocket upgrade is re-serialized and handed
 to a websockets ``ServerProtocol``; from then on a ``WsLink`` owns the
 transport. Everything else becomes a ``HttpRequest`` for the router.
 """
@@ -88,7 +88,7 @@ class HttpResponse:
 
 
 class HttpError(Exception):
-    """An error answered as JSON: ``{"error": code, "message": message}``."""
+    """An error sent as JSON: ``{"error": code, "message": message}``."""
 
     def __init__(self, status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None) -> None:
         super().__init__(message)
@@ -445,7 +445,7 @@ class HttpFront(asyncio.Protocol):
         """Half-close after a response, discard input briefly, then close.
 
         Closing at once while the client's request bytes sit unread makes the
-        kernel answer with a reset, which can destroy the response before the
+        kernel respond with a reset, which can destroy the response before the
         client reads it.
         """
         transport = self._transport
@@ -466,7 +466,7 @@ class HttpFront(asyncio.Protocol):
         request.on_authenticated = self._release_pending
 
         # Hand the handshake to websockets: it validates the upgrade headers
-        # and builds the 101 answer. h11 lower-cases header names, which
+        # and builds the 101 response. h11 lower-cases header names, which
         # HTTP allows (RFC 9110, section 5.1).
         raw = bytearray(b"GET " + event.target + b" HTTP/1.1\r\n")
         for name, value in event.headers:

@@ -515,7 +515,7 @@ class Relay:
             if not failure:
                 return
 
-        # Hand the connection to the tunnel before answering, so that the
+        # Hand the connection to the tunnel before responding, so that the
         # agent's first frames find a session.
         session = s.Session(s.Role.RELAY, window=self.config.window, info={"version": __version__})
         entry = AgentEntry(account, device, request.peer)

@@ -28,7 +28,7 @@ DRAIN_TIMEOUT_S = 30.0
 
 @dataclass(frozen=True, slots=True)
 class OpenFailure:
-    """How a failed stream open is reported to a cloud client."""
+    """Report of a failed stream open to a cloud client: HTTP status, error code and message."""
 
     status: int
     code: str

@@ -43,7 +43,7 @@ TARGET_CONNECT_TIMEOUT_S = 10.0
 # A session that lasted this long resets the backoff to its base delay.
 STABLE_SESSION_S = 10.0
 STOP_TIMEOUT_S = 5.0
-# Heartbeat: a ping every interval that must be answered within the timeout,
+# Heartbeat: a ping every interval whose pong must arrive within the timeout,
 # so a link that died silently is found in at most 25 s.
 PING_INTERVAL_S = 15.0
 PING_TIMEOUT_S = 10.0
@@ -223,7 +223,7 @@ class Agent:
             await self.check_connection("after waking from sleep")
 
     async def check_connection(self, why: str) -> None:
-        """Retry at once if waiting, or ping the relay and drop a link that does not answer.
+        """Retry at once if waiting, or ping the relay and drop a link whose pong does not arrive.
 
         The window calls this when the OS reports that the network came back;
         the clock watcher calls it after sleep.
@@ -381,7 +381,7 @@ class Agent:
         except (ValueError, LocalProtocolError) as exc:
             link.close(CloseCode.PROTOCOL_ERROR, "session resumption failed")
             tunnel.abandon(f"the session could not be resumed: {exc}")
-            raise ConnectionError(f"the relay's resume answer is unusable: {exc}") from None
+            raise ConnectionError(f"the relay's resume response is unusable: {exc}") from None
         logger.info("resumed the session with %s: %d streams kept, %d bytes resent", self.relay_url, streams, resent)
         self._record_session(f"session resumed: {streams} streams kept, {resent} bytes resent")
         return tunnel
@@ -421,7 +421,7 @@ class Agent:
     async def _keep_token_fresh(self, tunnel: Tunnel, expires_at: float) -> None:
         """Renew the access token on the open session before it expires, for as long as it is open.
 
-        A refresh that fails for a temporary reason (a 5xx answer, a time-out,
+        A refresh that fails for a temporary reason (a 5xx response, a time-out,
         a network error) is retried with backoff. Only an explicit rejection
         ends the renewals and marks the agent signed out; the relay then
         closes the session when the current token expires.

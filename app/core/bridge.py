@@ -13,7 +13,7 @@ frame when the credit is smaller, so reads above 64 KiB never add to the
 session's backlog. Reading pauses when the credit runs out and resumes on
 ``on_credit``. Bytes from the tunnel are written to the socket and
 credit is granted back only while the socket's write buffer is below its
-high-water mark, so a slow reader holds at most one window plus that buffer.
+high-water mark, so a slow reader keeps at most one window plus that buffer in memory.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _shared_read_buffer() -> memoryview:
 
 
 def abort_with_reset(transport: asyncio.Transport) -> None:
-    """Close a socket with a TCP RST, so its peer sees the failure instead of a clean EOF.
+    """Close a socket with a TCP RST, so its peer gets an error instead of a clean EOF.
 
     ``transport.abort()`` alone closes the socket normally, which sends a FIN
     and makes a cut-short transfer look complete.

@@ -1,8 +1,8 @@
 """The agent's settings file and the target allowlist.
 
 The file is JSON in the config folder, written atomically and readable only
-by its owner. It holds the relay URL, the account and device names and the
-allowlist of targets; it never holds a password or token.
+by its owner. It contains the relay URL, the account and device names and the
+allowlist of targets, and never a password or token.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def validate_seconds(value: float, what: str, *, allow_zero: bool = False) -> fl
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """An allowlisted desktop application: the cloud names it, only this side knows the address.
+    """An allowlisted desktop application: the cloud names it, and only this side stores the address.
 
     Targets are on this computer (loopback) unless ``allow_remote`` records
     the person's explicit consent to reach another host.

@@ -29,7 +29,7 @@ def entry_name(relay_url: str, account: str) -> str:
 
 
 def proxy_entry(proxy_url: str) -> str:
-    """The keyring "relay URL" under which a proxy's password is kept (with the proxy user as account)."""
+    """Return the keyring key under which a proxy's password is kept, with the proxy user as account."""
     return f"proxy {proxy_url}"
 
 

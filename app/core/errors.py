@@ -39,7 +39,7 @@ class SignInError(DeskbridgeError):
 
 
 class HandshakeError(DeskbridgeError):
-    """The relay answered the WebSocket handshake with an HTTP error."""
+    """The relay rejected the WebSocket handshake with an HTTP error."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"relay rejected the connection with HTTP {status}: {message}")

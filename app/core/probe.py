@@ -2,7 +2,7 @@
 
 ``check_relay_async`` requests the relay's ``GET /healthz`` through the
 agent's connection path (proxy, TLS) and words what failed: the host name did not resolve, the connection was refused
-or timed out, TLS failed, or the server answered but is not a Deskbridge
+or timed out, TLS failed, or the server responded but is not a Deskbridge
 relay. ``probe_target`` opens a TCP connection to a target and closes it at
 once, to tell whether its desktop application is listening.
 """

@@ -13,7 +13,7 @@ Both sides send HELLO first. Nothing else is valid until the peer's HELLO has
 arrived, because it carries the protocol version and the per-stream receive
 window the peer grants.
 
-Streams are opened by either side; the relay uses odd ids and the agent even
+Streams are opened by either side. The relay uses odd ids and the agent even
 ids, each strictly increasing, so the two never collide and a reused id is
 detectable. Each direction of a stream closes on its own with FIN, so a
 half-closed TCP connection stays half-closed across the tunnel. RESET ends

@@ -3,7 +3,7 @@
 Every stream produces OPENED first, then DATA and HALF_CLOSE records, and ends
 with exactly one CLOSED or ERROR record. The headless agent logs them; the GUI
 shows them in its traffic view. Producing a record costs little, and DATA
-records are only built when the sink asks for them.
+records are only built when the sink requests them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-# Longest payload preview a DATA record keeps.
+# Maximum payload preview a DATA record keeps, in bytes.
 PREVIEW_BYTES = 256
 
 
@@ -51,7 +51,7 @@ class TrafficRecord:
 
 
 class TrafficSink(Protocol):
-    """Receives traffic records; ``wants_data`` says whether DATA records are built."""
+    """Receives traffic records; ``wants_data`` tells whether DATA records are built."""
 
     wants_data: bool
 

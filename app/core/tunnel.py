@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 class StreamHandler(Protocol):
-    """What a tunnel stream's far end must do; every call runs on the loop."""
+    """Interface of a tunnel stream's far end; every call runs on the event loop."""
 
     def on_opened(self) -> None: ...
 

@@ -105,7 +105,7 @@ class WsLink(asyncio.BufferedProtocol):
         self.protocol = protocol
         self.transport: asyncio.Transport | None = None
         # Messages that arrive before a handler is set (the server's first
-        # frames often come in the same read as its 101 answer) wait here.
+        # frames often come in the same read as its 101 response) wait here.
         self._early: list[Message] = []
         self.on_message: MessageHandler = self._early.append
         self.on_close: CloseHandler = _ignore_close
@@ -200,7 +200,7 @@ class WsLink(asyncio.BufferedProtocol):
             self.handshake.set_exception(
                 ConnectionError(f"connection closed during the WebSocket handshake: {reason or 'EOF'}")
             )
-            # Nobody may be waiting for it any more; mark it retrieved.
+            # No caller may wait for it any more, so mark it retrieved.
             self.handshake.exception()
         for waiter in self._drain_waiters:
             if not waiter.done():
@@ -368,7 +368,7 @@ class WsLink(asyncio.BufferedProtocol):
     # Server handshake --------------------------------------------------------
 
     def respond(self, response: Response) -> None:
-        """Send the server's handshake answer (101 to accept, anything else to reject)."""
+        """Send the server's handshake response (101 to accept, anything else to reject)."""
         assert isinstance(self.protocol, ServerProtocol)
         self.protocol.send_response(response)
         self._write_pending()
@@ -666,7 +666,7 @@ class WsLink(asyncio.BufferedProtocol):
 
 
 class _HandshakeFailed(Exception):
-    """The server answered the handshake with something other than 101."""
+    """The server responded to the handshake with something other than 101."""
 
     def __init__(self, response: Response) -> None:
         super().__init__(f"HTTP {response.status_code}")
