@@ -32,7 +32,10 @@ async def request_json(
     timeout: float,
 ) -> tuple[int, dict[str, Any]]:
     """Send one request and return the status and the JSON object of the response ({} if none)."""
-    status, body = await asyncio.wait_for(_request(connector, method, url, payload, timeout), timeout)
+    # asyncio.timeout runs the request in this task; wait_for would wrap it in
+    # another task whose late exception nobody retrieves if this one is cancelled.
+    async with asyncio.timeout(timeout):
+        status, body = await _request(connector, method, url, payload, timeout)
     try:
         value = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
